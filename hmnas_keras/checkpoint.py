@@ -1,0 +1,71 @@
+"""Atomic, complete checkpoints of a training state.
+
+A checkpoint is one `.npz` file holding every variable it was given, in order,
+with its path and shape, plus a JSON state (epoch, step, ...). It is written to
+a temporary file, synced, then renamed over the old one, so a kill at any moment
+leaves either the previous or the new checkpoint, never a torn one. Restoring
+checks that the checkpoint holds exactly the expected variables, by path and
+shape; nothing is silently skipped (unlike `tf.train.Checkpoint`, which misses
+variables held in plain Python lists).
+"""
+
+import json
+import os
+
+import numpy as np
+from keras import ops
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or does not match the model it is restored into."""
+
+
+def save_checkpoint(path: str, variables: list, state: dict) -> None:
+    """Writes `variables` and the JSON-serialisable `state` to `path` atomically."""
+    arrays = {f"v{i:05d}": ops.convert_to_numpy(v) for i, v in enumerate(variables)}
+    arrays["__paths__"] = np.asarray(json.dumps([v.path for v in variables]))
+    arrays["__state__"] = np.asarray(json.dumps(state))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    with open(tmp_path, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp_path, path)
+
+
+def read_state(path: str) -> dict:
+    """The JSON state stored in a checkpoint."""
+    with np.load(path) as archive:
+        return json.loads(str(archive["__state__"]))
+
+
+def restore_checkpoint(path: str, variables: list) -> dict:
+    """Assigns every variable from `path` and returns the stored state.
+
+    Raises CheckpointError unless the checkpoint holds exactly these variables
+    (same count, paths and shapes, in the same order).
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"No checkpoint at {path}.")
+    with np.load(path) as archive:
+        paths = json.loads(str(archive["__paths__"]))
+        expected = [v.path for v in variables]
+        if paths != expected:
+            missing = sorted(set(expected) - set(paths))
+            unexpected = sorted(set(paths) - set(expected))
+            raise CheckpointError(
+                f"Checkpoint {path} does not match this model: it holds {len(paths)} variables, "
+                f"the model has {len(expected)}. Missing: {missing[:5]}; unexpected: "
+                f"{unexpected[:5]}. Was it written with a different configuration?"
+            )
+        values = [archive[f"v{i:05d}"] for i in range(len(variables))]
+        for variable, value in zip(variables, values, strict=True):
+            if tuple(variable.shape) != value.shape:
+                raise CheckpointError(
+                    f"Checkpoint {path}: variable {variable.path} has shape {value.shape}, "
+                    f"the model expects {tuple(variable.shape)}."
+                )
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+        return json.loads(str(archive["__state__"]))

@@ -1,0 +1,207 @@
+"""The candidate operations of the search space (DESIGN.md §2, paper §4.1).
+
+Each operation is a Keras layer mapping a feature map to `channels` output
+channels at stride 1 or 2. `OPS` maps an operation name to its builder; the
+order of `OP_NAMES` is the order of the rows of α.
+"""
+
+from collections.abc import Callable
+
+import keras
+from keras import ops
+
+OP_NAMES = (
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+)
+
+# BatchNormalization inside the searched operations carries no affine
+# parameters, as in DARTS' supernet: op and edge weights provide the scale.
+BN_MOMENTUM = 0.9
+
+
+def _batch_norm(name: str, affine: bool = False) -> keras.layers.BatchNormalization:
+    return keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=1e-5, center=affine, scale=affine, name=name
+    )
+
+
+def _check_stride(stride: int) -> None:
+    if stride not in (1, 2):
+        raise ValueError(f"Received an invalid stride, expected 1 or 2. Received: stride={stride}")
+
+
+class ReLUConvBN(keras.layers.Layer):
+    """ReLU, then a `kernel_size` convolution to `channels`, then BatchNormalization."""
+
+    def __init__(self, channels: int, kernel_size: int = 1, stride: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        _check_stride(stride)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.conv = keras.layers.Conv2D(
+            channels, kernel_size, strides=stride, padding="same", use_bias=False, name="conv"
+        )
+        self.bn = _batch_norm("bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(ops.relu(x)), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, kernel_size=self.kernel_size, stride=self.stride)
+        return config
+
+
+class SepConv(keras.layers.Layer):
+    """A separable convolution applied twice (ReLU-DW-PW-BN, twice)."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        _check_stride(stride)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.depthwise_1 = keras.layers.DepthwiseConv2D(
+            kernel_size, strides=stride, padding="same", use_bias=False, name="depthwise_1"
+        )
+        self.pointwise_1 = keras.layers.Conv2D(channels, 1, use_bias=False, name="pointwise_1")
+        self.bn_1 = _batch_norm("bn_1")
+        self.depthwise_2 = keras.layers.DepthwiseConv2D(
+            kernel_size, padding="same", use_bias=False, name="depthwise_2"
+        )
+        self.pointwise_2 = keras.layers.Conv2D(channels, 1, use_bias=False, name="pointwise_2")
+        self.bn_2 = _batch_norm("bn_2")
+
+    def call(self, x, training=None):
+        x = self.bn_1(self.pointwise_1(self.depthwise_1(ops.relu(x))), training=training)
+        return self.bn_2(self.pointwise_2(self.depthwise_2(ops.relu(x))), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, kernel_size=self.kernel_size, stride=self.stride)
+        return config
+
+
+class DilConv(keras.layers.Layer):
+    """A dilated (rate 2) separable convolution: ReLU-DW-PW-BN.
+
+    TensorFlow has no depthwise convolution with both stride 2 and dilation 2,
+    so the stride-2 version computes the stride-1 output and keeps every second
+    row and column, which is the same result as a strided dilated convolution
+    with symmetric padding (PyTorch's, used by DARTS).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        _check_stride(stride)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.depthwise = keras.layers.DepthwiseConv2D(
+            kernel_size, dilation_rate=2, padding="same", use_bias=False, name="depthwise"
+        )
+        self.pointwise = keras.layers.Conv2D(channels, 1, use_bias=False, name="pointwise")
+        self.bn = _batch_norm("bn")
+
+    def call(self, x, training=None):
+        x = self.depthwise(ops.relu(x))
+        if self.stride == 2:
+            x = x[:, ::2, ::2, :]
+        return self.bn(self.pointwise(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, kernel_size=self.kernel_size, stride=self.stride)
+        return config
+
+
+class Pool(keras.layers.Layer):
+    """3x3 max or average pooling (padding excluded from averages), then BN."""
+
+    def __init__(self, channels: int, kind: str, stride: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        _check_stride(stride)
+        if kind not in ("max", "avg"):
+            raise ValueError(f"Received an invalid pool kind, expected 'max' or 'avg'. Received: kind={kind!r}")
+        self.channels = channels
+        self.kind = kind
+        self.stride = stride
+        pool_class = keras.layers.MaxPooling2D if kind == "max" else keras.layers.AveragePooling2D
+        self.pool = pool_class(3, strides=stride, padding="same", name="pool")
+        self.bn = _batch_norm("bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.pool(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, kind=self.kind, stride=self.stride)
+        return config
+
+
+class FactorizedReduce(keras.layers.Layer):
+    """Halves the spatial size: ReLU, two offset 1x1 stride-2 convolutions, concat, BN."""
+
+    def __init__(self, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.conv_1 = keras.layers.Conv2D(
+            channels // 2, 1, strides=2, padding="same", use_bias=False, name="conv_1"
+        )
+        self.conv_2 = keras.layers.Conv2D(
+            channels - channels // 2, 1, strides=2, padding="same", use_bias=False, name="conv_2"
+        )
+        self.bn = _batch_norm("bn")
+
+    def call(self, x, training=None):
+        x = ops.relu(x)
+        # The second path sees the input shifted by one pixel; padding the end
+        # keeps both paths at ceil(size / 2) for odd and even sizes alike.
+        shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
+        x = ops.concatenate([self.conv_1(x), self.conv_2(shifted)], axis=-1)
+        return self.bn(x, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels)
+        return config
+
+
+class Identity(keras.layers.Layer):
+    """The stride-1 skip connection."""
+
+    def call(self, x, training=None):
+        return x
+
+
+def _skip_connect(channels: int, stride: int, name: str) -> keras.layers.Layer:
+    return Identity(name=name) if stride == 1 else FactorizedReduce(channels, name=name)
+
+
+OPS: dict[str, Callable[[int, int, str], keras.layers.Layer]] = {
+    "sep_conv_3x3": lambda c, s, name: SepConv(c, 3, s, name=name),
+    "sep_conv_5x5": lambda c, s, name: SepConv(c, 5, s, name=name),
+    "dil_conv_3x3": lambda c, s, name: DilConv(c, 3, s, name=name),
+    "dil_conv_5x5": lambda c, s, name: DilConv(c, 5, s, name=name),
+    "max_pool_3x3": lambda c, s, name: Pool(c, "max", s, name=name),
+    "avg_pool_3x3": lambda c, s, name: Pool(c, "avg", s, name=name),
+    "skip_connect": _skip_connect,
+}
+
+
+def build_op(op_name: str, channels: int, stride: int, name: str | None = None) -> keras.layers.Layer:
+    """Builds the candidate operation `op_name` with `channels` outputs at `stride`."""
+    if op_name not in OPS:
+        raise ValueError(
+            f"Received an unknown operation, expected one of {', '.join(OP_NAMES)}. "
+            f"Received: op_name={op_name!r}"
+        )
+    _check_stride(stride)
+    return OPS[op_name](channels, stride, name or op_name)

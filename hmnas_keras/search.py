@@ -1,0 +1,268 @@
+"""Runs HM-NAS from the command line.
+
+    python -m hmnas_keras.search --flagfile=configs/quickstart.cfg --workdir=runs/quickstart
+    python -m hmnas_keras.search --flagfile=configs/cifar10.cfg --workdir=runs/cifar10 \\
+        --dataset=folder --data_dir=$HOME/.cache/hmnas/cifar10
+    python -m hmnas_keras.search --workdir=runs/quickstart --resume
+
+The resolved configuration is written to WORKDIR/config.json. A workdir that
+already holds files is refused unless --resume is given; --resume continues a
+killed run from its last checkpoint with the configuration saved in the workdir.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from hmnas_keras.bilevel import SCHEDULES
+from hmnas_keras.config import (
+    CONFIG_FILE,
+    PHASES,
+    STRATEGIES,
+    RunConfig,
+    SupernetConfig,
+    read_config,
+    write_config,
+)
+from hmnas_keras.data import DataConfig, DataError
+from hmnas_keras.operations import OP_NAMES
+from hmnas_keras.supernet import SearchSpace
+
+FLAGS = flags.FLAGS
+
+# Run.
+flags.DEFINE_string("workdir", None, "Directory for the run's outputs (required).")
+flags.DEFINE_list("phases", list(PHASES), f"Phases to run, in order. Known: {', '.join(PHASES)}.")
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
+flags.DEFINE_integer("seed", 0, "Seed for data splits, shuffling, initialisation and arch steps.")
+flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy: one device or mirrored.")
+flags.DEFINE_integer(
+    "logical_cpus", 0, "Split the CPU into this many logical devices (to try --strategy=mirrored "
+    "without GPUs); 0 leaves devices as they are.", lower_bound=0
+)
+flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads; 0 uses every core.", lower_bound=0)
+# Data.
+flags.DEFINE_string("dataset", "digits", "digits, folder (with --data_dir) or a TFDS dataset name.")
+flags.DEFINE_string("data_dir", None, "Image folder ROOT with train/<class>/ and test/<class>/.")
+flags.DEFINE_string("tfds_data_dir", None, "TensorFlow Datasets data_dir.")
+flags.DEFINE_integer("image_size", None, "Resize every image to NxN.", lower_bound=4)
+flags.DEFINE_float("arch_fraction", 0.2, "Part of the training split used for α/β.",
+                   lower_bound=0.01, upper_bound=0.99)
+flags.DEFINE_integer("train_subset", None, "Use only N training examples.", lower_bound=2)
+flags.DEFINE_integer("test_subset", None, "Use only N test examples.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Batch size (global, over all replicas).", lower_bound=1)
+flags.DEFINE_bool("augment", True, "Random crop with padding and horizontal flip.")
+flags.DEFINE_integer("crop_padding", 4, "Padding of the random crop, in pixels.", lower_bound=0)
+flags.DEFINE_integer("cutout_size", 16, "Cutout square size for fine-tuning (0: off).", lower_bound=0)
+# Search space.
+flags.DEFINE_integer("num_cells", 3, "Cells in the supernet.", lower_bound=1)
+flags.DEFINE_integer("channels", 16, "Initial channels C.", lower_bound=1)
+flags.DEFINE_integer("num_nodes", 4, "Intermediate nodes per cell.", lower_bound=1)
+flags.DEFINE_list("ops", list(OP_NAMES), f"Candidate operations, a subset of {', '.join(OP_NAMES)}.")
+flags.DEFINE_bool("multi_level", True, "Learn edge weights β (false: single-level, β uniform).")
+# Supernet training.
+flags.DEFINE_integer("supernet_epochs", 100, "Supernet training epochs.", lower_bound=1)
+flags.DEFINE_integer("warmup_epochs", 10, "Epochs with α, β frozen.", lower_bound=0)
+flags.DEFINE_float("learning_rate", 0.1, "Initial weight learning rate (cosine).", lower_bound=0)
+flags.DEFINE_float("learning_rate_min", 0.001, "Final weight learning rate.", lower_bound=0)
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("weight_decay", 3e-4, "L2 weight decay of the network weights.", lower_bound=0)
+flags.DEFINE_float("grad_clip_norm", 5.0, "Global-norm clip of weight gradients (0: off).", lower_bound=0)
+flags.DEFINE_float("arch_learning_rate", 3e-4, "Adam learning rate of α, β.", lower_bound=0)
+flags.DEFINE_float("arch_beta_1", 0.5, "Adam β1 of α, β.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("arch_weight_decay", 1e-3, "L2 weight decay of α, β.", lower_bound=0)
+flags.DEFINE_bool("second_order", False, "DARTS' second-order (unrolled) arch gradient.")
+flags.DEFINE_enum("arch_step_schedule", "constant", SCHEDULES, "σ: probability of an arch step.")
+flags.DEFINE_float("arch_step_final_prob", 0.0, "Final σ of the linear/cosine/step schedules.",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_integer("arch_step_decay_epochs", 0, "Epochs over which σ decays (0: all after "
+                     "warm-up).", lower_bound=0)
+flags.DEFINE_integer("test_every", 1, "Test accuracy every N epochs (0: only at the end).",
+                     lower_bound=0)
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps (0: epoch ends "
+                     "only).", lower_bound=0)
+
+flags.register_validator(
+    "phases", lambda value: all(p in PHASES for p in value),
+    message=f"--phases takes a comma list of: {', '.join(PHASES)}.",
+)
+flags.register_validator(
+    "ops", lambda value: bool(value) and all(op in OP_NAMES for op in value),
+    message=f"--ops takes a comma list of: {', '.join(OP_NAMES)}.",
+)
+
+
+class UsageError(ValueError):
+    """A mistake in how the command was called."""
+
+
+def config_from_flags() -> RunConfig:
+    """Turns the flags into the frozen run configuration."""
+    return RunConfig(
+        data=DataConfig(
+            dataset=FLAGS.dataset,
+            data_dir=FLAGS.data_dir,
+            tfds_data_dir=FLAGS.tfds_data_dir,
+            image_size=FLAGS.image_size,
+            arch_fraction=FLAGS.arch_fraction,
+            train_subset=FLAGS.train_subset,
+            test_subset=FLAGS.test_subset,
+            batch_size=FLAGS.batch_size,
+            augment=FLAGS.augment,
+            crop_padding=FLAGS.crop_padding,
+            cutout_size=FLAGS.cutout_size,
+        ),
+        search_space=SearchSpace(
+            num_cells=FLAGS.num_cells,
+            channels=FLAGS.channels,
+            num_nodes=FLAGS.num_nodes,
+            op_names=tuple(FLAGS.ops),
+            multi_level=FLAGS.multi_level,
+        ),
+        supernet=SupernetConfig(
+            epochs=FLAGS.supernet_epochs,
+            warmup_epochs=FLAGS.warmup_epochs,
+            learning_rate=FLAGS.learning_rate,
+            learning_rate_min=FLAGS.learning_rate_min,
+            momentum=FLAGS.momentum,
+            weight_decay=FLAGS.weight_decay,
+            grad_clip_norm=FLAGS.grad_clip_norm,
+            arch_learning_rate=FLAGS.arch_learning_rate,
+            arch_beta_1=FLAGS.arch_beta_1,
+            arch_weight_decay=FLAGS.arch_weight_decay,
+            second_order=FLAGS.second_order,
+            arch_step_schedule=FLAGS.arch_step_schedule,
+            arch_step_final_prob=FLAGS.arch_step_final_prob,
+            arch_step_decay_epochs=FLAGS.arch_step_decay_epochs,
+            test_every=FLAGS.test_every,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+        ),
+        phases=tuple(FLAGS.phases),
+        seed=FLAGS.seed,
+        strategy=FLAGS.strategy,
+    )
+
+
+def prepare_workdir(workdir: str, resume: bool) -> RunConfig:
+    """Checks the workdir, writes or reads config.json, returns the run configuration."""
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if resume:
+        if not os.path.exists(config_path):
+            raise UsageError(
+                f"--resume: {workdir} holds no {CONFIG_FILE}, so there is no run to resume. "
+                "Start a new run without --resume."
+            )
+        saved = read_config(workdir)
+        changed = _changed_flags(saved)
+        if changed:
+            logging.warning(
+                "--resume uses the configuration saved in %s; ignoring flags that differ: %s",
+                config_path,
+                ", ".join(changed),
+            )
+        return saved
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise UsageError(
+            f"Workdir {workdir} is not empty. Pass --resume to continue the run in it, or choose "
+            "a new --workdir (nothing was overwritten)."
+        )
+    try:
+        config = config_from_flags()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+    return config
+
+
+def _changed_flags(saved: RunConfig) -> list[str]:
+    """Flags set on this command line whose values differ from the saved configuration."""
+    try:
+        current = config_from_flags().to_dict()
+    except ValueError:
+        return ["(flags that do not form a valid configuration)"]
+    saved_dict = saved.to_dict()
+    changed = []
+    for section, values in current.items():
+        if isinstance(values, dict):
+            changed += [
+                f"{section}.{key}"
+                for key, value in values.items()
+                if json.dumps(value) != json.dumps(saved_dict[section][key])
+            ]
+        elif json.dumps(values) != json.dumps(saved_dict[section]):
+            changed.append(section)
+    return changed
+
+
+def configure_tensorflow(threads: int, logical_cpus: int) -> None:
+    """Thread pools and logical devices; must run before TensorFlow starts its runtime."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads or os.cpu_count() or 1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    if logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
+        )
+
+
+def make_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def run(config: RunConfig, workdir: str) -> dict:
+    """Runs the configured phases in `workdir`; returns a summary per phase."""
+    from hmnas_keras.data import describe, make_search_data
+    from hmnas_keras.supernet_phase import run_supernet_phase
+
+    started = time.monotonic()
+    data = make_search_data(config.data, config.seed)
+    print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
+    strategy = make_strategy(config.strategy)
+    summaries = {}
+    if "supernet" in config.phases:
+        result = run_supernet_phase(config, data, workdir, strategy)
+        summaries["supernet"] = result.summary
+        print(
+            f"Supernet: test accuracy {result.summary['test_accuracy']:.4f}, "
+            f"{result.summary['weight_parameters']:,} weights, "
+            f"{result.summary['wall_seconds']:.0f} s. Outputs in {os.path.join(workdir, 'supernet')}"
+        )
+    return summaries
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required: the directory for the run's outputs.")
+    from hmnas_keras.checkpoint import CheckpointError
+    from hmnas_keras.supernet_phase import TrainingDiverged
+
+    try:
+        configure_tensorflow(FLAGS.threads, FLAGS.logical_cpus)
+        config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
+        run(config, FLAGS.workdir)
+    except (UsageError, DataError, CheckpointError, TrainingDiverged) as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry_point():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,273 @@
+"""The multi-level encoded supernet (paper §3.1, Eq. 1–2; DESIGN.md §2).
+
+`Supernet` is a Keras model: a stem, `num_cells` cells and a classifier. Each
+cell type (normal, reduce) has one α (edge x op logits) and, in multi-level
+mode, one β (one logit per incoming edge of each intermediate node), shared by
+every cell of that type. `Supernet.arch_variables` and
+`Supernet.weight_variables` give the two groups by reference.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from hmnas_keras.operations import OP_NAMES, ReLUConvBN, FactorizedReduce, build_op
+
+CELL_TYPES = ("normal", "reduce")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """The shape of the supernet: plain data, kept apart from the model code."""
+
+    num_cells: int = 3
+    channels: int = 16
+    num_nodes: int = 4
+    op_names: tuple[str, ...] = OP_NAMES
+    multi_level: bool = True
+
+    def __post_init__(self):
+        for field in ("num_cells", "channels", "num_nodes"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Received an invalid value for {field}, expected a positive integer. "
+                    f"Received: {field}={value!r}"
+                )
+        if not self.op_names:
+            raise ValueError("Received an empty op_names, expected at least one operation.")
+        unknown = [name for name in self.op_names if name not in OP_NAMES]
+        if unknown or len(set(self.op_names)) != len(self.op_names):
+            raise ValueError(
+                f"Received invalid op_names, expected distinct names among {', '.join(OP_NAMES)}. "
+                f"Received: op_names={list(self.op_names)}"
+            )
+        object.__setattr__(self, "op_names", tuple(self.op_names))
+
+    @property
+    def reduction_cells(self) -> tuple[int, ...]:
+        """Indices of the reduction cells: L//3 and 2L//3."""
+        return tuple(sorted({self.num_cells // 3, 2 * self.num_cells // 3}))
+
+    @property
+    def cell_types(self) -> tuple[str, ...]:
+        """The type of each cell, in order."""
+        return tuple(
+            "reduce" if i in self.reduction_cells else "normal" for i in range(self.num_cells)
+        )
+
+    @property
+    def present_cell_types(self) -> tuple[str, ...]:
+        """Cell types that occur in the network (a 2-cell net has no normal cell)."""
+        return tuple(t for t in CELL_TYPES if t in self.cell_types)
+
+    @property
+    def edges(self) -> tuple[tuple[int, int], ...]:
+        """(source, target) node pairs; nodes 0, 1 are the inputs, 2.. the intermediates."""
+        return tuple(
+            (source, target)
+            for target in range(2, self.num_nodes + 2)
+            for source in range(target)
+        )
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.edges)
+
+
+class MixedOp(keras.layers.Layer):
+    """Eq. 1: Σ_k w_k · op_k(x) with externally supplied op weights w."""
+
+    def __init__(self, channels: int, stride: int, op_names=OP_NAMES, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.stride = stride
+        self.op_names = tuple(op_names)
+        self.candidates = [build_op(name, channels, stride) for name in self.op_names]
+
+    def call(self, x, op_weights, training=None):
+        output = 0.0
+        for k, op in enumerate(self.candidates):
+            output = output + op_weights[k] * op(x, training=training)
+        return output
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, stride=self.stride, op_names=list(self.op_names))
+        return config
+
+
+class Cell(keras.layers.Layer):
+    """Eq. 2: node i = Σ_j edge_weight(i, j) · MixedOp_{j→i}(node j).
+
+    Inputs are the outputs of the two previous cells; the output concatenates
+    the intermediate nodes (num_nodes · channels channels).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_nodes: int,
+        reduction: bool,
+        reduction_prev: bool,
+        op_names=OP_NAMES,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.num_nodes = num_nodes
+        self.reduction = reduction
+        self.reduction_prev = reduction_prev
+        self.op_names = tuple(op_names)
+        if reduction_prev:
+            self.preprocess_0 = FactorizedReduce(channels, name="preprocess_0")
+        else:
+            self.preprocess_0 = ReLUConvBN(channels, 1, name="preprocess_0")
+        self.preprocess_1 = ReLUConvBN(channels, 1, name="preprocess_1")
+        self.edge_ops = []
+        for target in range(2, num_nodes + 2):
+            for source in range(target):
+                stride = 2 if reduction and source < 2 else 1
+                self.edge_ops.append(
+                    MixedOp(channels, stride, self.op_names, name=f"edge_{source}_{target}")
+                )
+
+    def call(self, s0, s1, op_weights, edge_weights, training=None):
+        """op_weights: [num_edges, num_ops]; edge_weights: [num_edges], in edge order."""
+        nodes = [
+            self.preprocess_0(s0, training=training),
+            self.preprocess_1(s1, training=training),
+        ]
+        edge = 0
+        for target in range(2, self.num_nodes + 2):
+            node = 0.0
+            for source in range(target):
+                mixed = self.edge_ops[edge](nodes[source], op_weights[edge], training=training)
+                node = node + edge_weights[edge] * mixed
+                edge += 1
+            nodes.append(node)
+        return ops.concatenate(nodes[2:], axis=-1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            num_nodes=self.num_nodes,
+            reduction=self.reduction,
+            reduction_prev=self.reduction_prev,
+            op_names=list(self.op_names),
+        )
+        return config
+
+
+def segment_softmax(logits, num_nodes: int):
+    """Softmax of the β logits over the incoming edges of each intermediate node."""
+    weights, start = [], 0
+    for target in range(2, num_nodes + 2):
+        weights.append(ops.softmax(logits[start : start + target]))
+        start += target
+    return ops.concatenate(weights, axis=0)
+
+
+def uniform_edge_weights(num_nodes: int) -> np.ndarray:
+    """Single-level encoding: every incoming edge of node i weighs 1 / (i's in-degree)."""
+    return np.concatenate(
+        [np.full(target, 1.0 / target, dtype="float32") for target in range(2, num_nodes + 2)]
+    )
+
+
+class Supernet(keras.Model):
+    """Stem (Conv3x3-BN, 3C), `num_cells` cells, global pooling and a Dense classifier."""
+
+    def __init__(self, search_space: SearchSpace, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                "Received an invalid value for num_classes, expected an integer >= 2. "
+                f"Received: num_classes={num_classes!r}"
+            )
+        self.search_space = search_space
+        self.num_classes = num_classes
+        space = search_space
+        self.stem_conv = keras.layers.Conv2D(
+            3 * space.channels, 3, padding="same", use_bias=False, name="stem_conv"
+        )
+        self.stem_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="stem_bn")
+        self.cells = []
+        channels = space.channels
+        reduction_prev = False
+        for index, cell_type in enumerate(space.cell_types):
+            reduction = cell_type == "reduce"
+            if reduction:
+                channels *= 2
+            self.cells.append(
+                Cell(
+                    channels,
+                    space.num_nodes,
+                    reduction,
+                    reduction_prev,
+                    space.op_names,
+                    name=f"cell_{index}",
+                )
+            )
+            reduction_prev = reduction
+        self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
+        self.classifier = keras.layers.Dense(num_classes, name="classifier")
+
+        arch_init = keras.initializers.RandomNormal(stddev=1e-3)
+        self.alphas, self.betas = {}, {}
+        for cell_type in space.present_cell_types:
+            self.alphas[cell_type] = self.add_weight(
+                shape=(space.num_edges, len(space.op_names)),
+                initializer=arch_init,
+                name=f"alpha_{cell_type}",
+            )
+            if space.multi_level:
+                self.betas[cell_type] = self.add_weight(
+                    shape=(space.num_edges,), initializer=arch_init, name=f"beta_{cell_type}"
+                )
+        self._uniform_edge_weights = uniform_edge_weights(space.num_nodes)
+
+    @property
+    def arch_variables(self) -> list:
+        """α then β of every present cell type: the architecture parameters."""
+        return list(self.alphas.values()) + list(self.betas.values())
+
+    @property
+    def weight_variables(self) -> list:
+        """Every trainable variable that is not an architecture parameter."""
+        arch_ids = {id(v) for v in self.arch_variables}
+        return [v for v in self.trainable_variables if id(v) not in arch_ids]
+
+    def op_weights(self, cell_type: str):
+        """softmax(α) over the ops of each edge: [num_edges, num_ops]."""
+        return ops.softmax(self.alphas[cell_type], axis=-1)
+
+    def edge_weights(self, cell_type: str):
+        """softmax(β) over each node's incoming edges, or uniform in single-level mode."""
+        if self.search_space.multi_level:
+            return segment_softmax(self.betas[cell_type], self.search_space.num_nodes)
+        return ops.convert_to_tensor(self._uniform_edge_weights)
+
+    def call(self, images, training=None):
+        weights = {
+            cell_type: (self.op_weights(cell_type), self.edge_weights(cell_type))
+            for cell_type in self.search_space.present_cell_types
+        }
+        s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
+        for cell, cell_type in zip(self.cells, self.search_space.cell_types, strict=True):
+            op_weights, edge_weights = weights[cell_type]
+            s0, s1 = s1, cell(s0, s1, op_weights, edge_weights, training=training)
+        return self.classifier(self.global_pool(s1))
+
+    def arch_weights_numpy(self) -> dict:
+        """softmax(α) and softmax(β) per cell type as nested lists (for logs and JSON)."""
+        return {
+            cell_type: {
+                "ops": np.asarray(self.op_weights(cell_type)).round(6).tolist(),
+                "edges": np.asarray(self.edge_weights(cell_type)).round(6).tolist(),
+            }
+            for cell_type in self.search_space.present_cell_types
+        }
