@@ -111,6 +111,8 @@ class BilevelSearch(keras.Model):
             PyTorch's SGD).
         arch_weight_decay: L2 decay added to the α/β gradients.
         grad_clip_norm: global-norm clip of the weight gradients (0 disables).
+        hvp_radius: the second-order finite-difference step is
+            hvp_radius / ‖∇_{w'} L_val‖ (DARTS uses 0.01).
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class BilevelSearch(keras.Model):
         weight_decay: float = 3e-4,
         arch_weight_decay: float = 1e-3,
         grad_clip_norm: float = 5.0,
+        hvp_radius: float = 0.01,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -130,6 +133,7 @@ class BilevelSearch(keras.Model):
         self.weight_decay = weight_decay
         self.arch_weight_decay = arch_weight_decay
         self.grad_clip_norm = grad_clip_norm
+        self.hvp_radius = hvp_radius
         self.weight_loss = keras.metrics.Mean(name="loss")
         self.weight_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.arch_loss = keras.metrics.Mean(name="arch_loss")
@@ -213,7 +217,7 @@ class BilevelSearch(keras.Model):
         Returns (gradients, arch_loss, arch_logits). Second order follows DARTS:
         ∇_α L_val(w', α) − ξ ∇²_{α,w} L_train(w, α) ∇_{w'} L_val(w', α) with
         w' = w − ξ (∇_w L_train + λ w), the Hessian-vector product taken by central
-        finite differences with ε = 0.01 / ‖∇_{w'} L_val‖.
+        finite differences with ε = hvp_radius / ‖∇_{w'} L_val‖.
         """
         arch_images, arch_labels = arch_batch
         arch_vars = self.supernet.arch_variables
@@ -241,7 +245,7 @@ class BilevelSearch(keras.Model):
             )
         grads = tape.gradient(loss, arch_values + unrolled)
         arch_grads, unrolled_grads = grads[: len(arch_values)], grads[len(arch_values) :]
-        epsilon = 0.01 / (tf.linalg.global_norm(unrolled_grads) + 1e-12)
+        epsilon = self.hvp_radius / (tf.linalg.global_norm(unrolled_grads) + 1e-12)
 
         def train_arch_grads(sign):
             shifted = [
@@ -298,6 +302,10 @@ class BilevelSearch(keras.Model):
         self._weight_step(weight_batch)
         self.arch_step_fraction.update_state(1.0 if take_arch_step else 0.0)
         return {m.name: m.result() for m in self.metrics}
+
+    def fit(self, *args, shuffle=False, **kwargs):
+        """Keras `fit()`; the data arrive already shuffled (by seed), so no shuffle here."""
+        return super().fit(*args, shuffle=shuffle, **kwargs)
 
     def train_step(self, data):
         """One iteration with the architecture step (fit() dispatches via the policy)."""
