@@ -316,11 +316,6 @@ class SearchData:
         batch = self.config.batch_size
         weight = _BatchSource(self, self.weight_images, self.weight_labels, batch, stream=1)
         arch = _BatchSource(self, self.arch_images, self.arch_labels, batch, stream=2)
-        if arch.steps_per_epoch < 1:
-            raise DataError(
-                f"The architecture part has {len(self.arch_images)} examples, fewer than one batch "
-                f"of {batch}. Lower --batch_size or raise --arch_fraction / --train_subset."
-            )
         steps = tf.data.Dataset.range(start_step, epochs * self.steps_per_epoch)
         return steps.map(
             lambda step: (weight.batch(step, self.config.augment), arch.batch(step, self.config.augment)),
@@ -421,11 +416,13 @@ def make_search_data(
     order = np.random.default_rng([seed, 7]).permutation(len(train_x))
     num_arch = int(round(len(train_x) * config.arch_fraction))
     arch_idx, weight_idx = np.sort(order[:num_arch]), np.sort(order[num_arch:])
-    if len(weight_idx) < config.batch_size:
-        raise DataError(
-            f"The weight part has {len(weight_idx)} examples, fewer than one batch of "
-            f"{config.batch_size}. Lower --batch_size or use more training data."
-        )
+    for part, size in (("weight", len(weight_idx)), ("architecture", len(arch_idx))):
+        if size < config.batch_size:
+            raise DataError(
+                f"The {part} part of the training split has {size} examples, fewer than one "
+                f"batch of {config.batch_size}. Lower --batch_size, or use more training data "
+                "(--train_subset, --arch_fraction)."
+            )
     pixels = train_x.reshape(-1, train_x.shape[-1]).astype("float64") / 255.0
     mean = pixels.mean(axis=0).astype("float32")
     std = np.maximum(pixels.std(axis=0), 1e-3).astype("float32")

@@ -230,6 +230,7 @@ def run(config: RunConfig, workdir: str) -> dict:
     data = make_search_data(config.data, config.seed)
     print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
     strategy = make_strategy(config.strategy)
+    print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s)")
     summaries = {}
     if "supernet" in config.phases:
         result = run_supernet_phase(config, data, workdir, strategy)

@@ -124,11 +124,13 @@ def _ce(labels, logits):
 
 
 def test_second_order_arch_gradient_matches_a_numerical_check():
-    """Against ∇α of the unrolled objective L_val(w − ξ(∇w L_train(w, α) + λw), α).
+    """The finite-difference unrolled gradient against the exact one.
 
-    The finite-difference Hessian-vector product is exact only in the limit;
-    on a tiny network with ReLU kinks DARTS' radius of 0.01 can cross a kink,
-    so the check uses a small radius.
+    The reference differentiates the unrolled objective
+    L_val(w − ξ(∇w L_train(w, α) + λw), α) exactly, with nested tapes. The
+    finite-difference Hessian-vector product is exact only in the limit; on a
+    tiny network dense with ReLU and max kinks DARTS' radius of 0.01 crosses
+    kinks, so the check uses a small radius.
     """
     search = make_search(second_order=True, lr=0.5)
     search.hvp_radius = 1e-4
@@ -137,7 +139,6 @@ def test_second_order_arch_gradient_matches_a_numerical_check():
     xi, decay = 0.5, 3e-4
     analytic, _, _ = search.arch_gradients(weight_batch, arch_batch)
 
-    # Reference 1: the same objective differentiated exactly by nested tapes.
     arch = net.arch_variables
     with tf.GradientTape() as outer:
         with tf.GradientTape() as inner:
@@ -154,31 +155,6 @@ def test_second_order_arch_gradient_matches_a_numerical_check():
     exact = outer.gradient(val_loss, arch)
     for a, e in zip(analytic, exact):
         np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=0.0, atol=0.05 * np.abs(e).max())
-
-    # Reference 2: a central difference of the unrolled objective along a random direction.
-    def unrolled_loss(shift):
-        values = [a.value + shift * d for a, d in zip(arch, directions)]
-        by_id = {id(a): v for a, v in zip(arch, values)}
-        trainable = [by_id.get(id(v), v.value) for v in net.trainable_variables]
-        non_trainable = [v.value for v in net.non_trainable_variables]
-        with tf.GradientTape() as tape:
-            tape.watch(trainable)
-            logits, _ = net.stateless_call(trainable, non_trainable, weight_batch[0], training=True)
-            loss = _ce(weight_batch[1], logits)
-        grads = dict(zip([id(v) for v in net.trainable_variables], tape.gradient(loss, trainable)))
-        stepped = [
-            t if id(v) in by_id else t - xi * (grads[id(v)] + decay * t)
-            for v, t in zip(net.trainable_variables, trainable)
-        ]
-        logits, _ = net.stateless_call(stepped, non_trainable, arch_batch[0], training=True)
-        return float(_ce(arch_batch[1], logits))
-
-    rng = np.random.default_rng(5)
-    directions = [rng.normal(size=a.shape).astype("float32") for a in arch]
-    step = 1e-3
-    numerical = (unrolled_loss(step) - unrolled_loss(-step)) / (2 * step)
-    predicted = sum(float(np.sum(g.numpy() * d)) for g, d in zip(analytic, directions))
-    assert predicted == pytest.approx(numerical, rel=0.05)
 
     first_order, _, _ = make_search(lr=0.5).arch_gradients(weight_batch, arch_batch)
     assert not all(np.allclose(f, a, rtol=0.05) for f, a in zip(first_order, analytic))

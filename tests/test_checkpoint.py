@@ -1,0 +1,57 @@
+import keras
+import numpy as np
+import pytest
+
+from hmnas_keras.checkpoint import CheckpointError, read_state, restore_checkpoint, save_checkpoint
+from hmnas_keras.config import RunConfig, SupernetConfig
+from hmnas_keras.data import DataConfig, make_search_data
+from hmnas_keras.supernet import SearchSpace
+from hmnas_keras.supernet_phase import build_search, state_variables
+
+
+def tiny_config(**space):
+    return RunConfig(
+        data=DataConfig(dataset="digits", batch_size=16, train_subset=100, augment=False),
+        search_space=SearchSpace(
+            num_cells=2, channels=4, num_nodes=2, op_names=("avg_pool_3x3", "skip_connect"), **space
+        ),
+        supernet=SupernetConfig(epochs=2, warmup_epochs=0),
+    )
+
+
+def test_restore_brings_back_every_variable(tmp_path):
+    config = tiny_config()
+    data = make_search_data(config.data)
+    search = build_search(config, data)
+    search.fit(data.bilevel_dataset(1), epochs=1, steps_per_epoch=data.steps_per_epoch, verbose=0)
+    variables = state_variables(search)
+    # Weights, α/β, BN statistics, both optimizers' slots and iterations, metric accumulators.
+    assert any("moving_mean" in v.path for v in variables)
+    assert any("arch_optimizer" in v.path for v in variables)
+    assert any("weight_optimizer" in v.path for v in variables)
+    assert set(map(id, search.supernet.arch_variables)) <= set(map(id, variables))
+    path = str(tmp_path / "ckpt.npz")
+    save_checkpoint(path, variables, {"epoch": 1})
+    saved = [np.array(keras.ops.convert_to_numpy(v)) for v in variables]
+
+    fresh = build_search(RunConfig(**{**config.__dict__, "seed": 9}), data)
+    fresh_variables = state_variables(fresh)
+    changed = [not np.array_equal(keras.ops.convert_to_numpy(v), s) for v, s in zip(fresh_variables, saved)]
+    assert sum(changed) > len(changed) // 3
+    assert restore_checkpoint(path, fresh_variables) == {"epoch": 1}
+    for variable, value in zip(fresh_variables, saved, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+    assert read_state(path) == {"epoch": 1}
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_restore_into_a_different_model_is_refused(tmp_path):
+    config = tiny_config()
+    data = make_search_data(config.data)
+    path = str(tmp_path / "ckpt.npz")
+    save_checkpoint(path, state_variables(build_search(config, data)), {})
+    other = build_search(tiny_config(multi_level=False), data)
+    with pytest.raises(CheckpointError, match="does not match this model.*beta"):
+        restore_checkpoint(path, state_variables(other))
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        restore_checkpoint(str(tmp_path / "missing.npz"), [])

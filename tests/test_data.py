@@ -1,0 +1,183 @@
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hmnas_keras import data as data_module
+from hmnas_keras.data import DataConfig, DataError, load_arrays, load_folder_arrays, make_search_data
+
+
+def write_image(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    encode = tf.io.encode_png if path.endswith(".png") else tf.io.encode_jpeg
+    tf.io.write_file(path, encode(array))
+
+
+def make_folder(root, size=(6, 6), channels=3, per_class=4, classes=("cat", "dog")):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            for i in range(per_class):
+                image = rng.integers(0, 255, (*size, channels), dtype=np.uint8)
+                write_image(os.path.join(root, split, name, f"{i}.png"), image)
+    return root
+
+
+def test_folder_loads_classes_labels_and_rgb(tmp_path):
+    arrays = load_folder_arrays(make_folder(str(tmp_path)))
+    assert arrays.class_names == ["cat", "dog"]
+    assert arrays.train_images.shape == (8, 6, 6, 3) and arrays.train_images.dtype == np.uint8
+    assert arrays.train_labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert arrays.test_images.shape == (8, 6, 6, 3)
+
+
+def test_folder_grayscale_stays_one_channel_and_jpeg_is_read(tmp_path):
+    root = make_folder(str(tmp_path), channels=1)
+    write_image(os.path.join(root, "train", "cat", "extra.jpg"), np.full((6, 6, 1), 128, np.uint8))
+    arrays = load_folder_arrays(root)
+    assert arrays.train_images.shape == (9, 6, 6, 1)
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    root = make_folder(str(tmp_path))
+    write_image(os.path.join(root, "train", "dog", "big.png"), np.zeros((9, 7, 3), np.uint8))
+    with pytest.raises(DataError, match=r"different sizes.*big.png is 9x7.*--image_size"):
+        load_folder_arrays(root)
+    assert load_folder_arrays(root, image_size=5).train_images.shape == (9, 5, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: make_folder(root) and _remove(os.path.join(root, "test")), "Missing split folder"),
+        (
+            lambda root: make_folder(root) and os.makedirs(os.path.join(root, "train", "emu")),
+            "holds no images",
+        ),
+        (
+            lambda root: make_folder(root)
+            and open(os.path.join(root, "train", "cat", "broken.jpg"), "wb").write(b"not an image"),
+            r"Cannot read image file .*broken.jpg",
+        ),
+    ],
+    ids=["missing-root", "missing-split", "empty-class", "unreadable-image"],
+)
+def test_bad_folders_get_clear_errors(tmp_path, breakage, message):
+    root = str(tmp_path / "data")
+    breakage(root)
+    with pytest.raises(DataError, match=message):
+        load_folder_arrays(root)
+
+
+def _remove(path):
+    import shutil
+
+    shutil.rmtree(path)
+    return True
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(DataError, match="Unknown dataset 'no_such_set'. Use digits, folder"):
+        load_arrays(DataConfig(dataset="no_such_set"))
+
+
+def test_tfds_offline_fails_fast_with_instructions(tmp_path):
+    with mock.patch.object(data_module, "_download_host_reachable", return_value=False):
+        with pytest.raises(DataError, match="tfds build mnist --data_dir=DIR"):
+            load_arrays(DataConfig(dataset="mnist", tfds_data_dir=str(tmp_path)))
+
+
+def test_tfds_loads_a_locally_prepared_dataset(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class HmnasTinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(4, 4, 3)),
+                        "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(6), "test": self._generate_examples(3)}
+
+        def _generate_examples(self, count):
+            for i in range(count):
+                yield i, {"image": np.full((4, 4, 3), i * 10, np.uint8), "label": i % 3}
+
+    HmnasTinyImages(data_dir=str(tmp_path)).download_and_prepare()
+    with mock.patch.object(data_module, "_download_host_reachable", side_effect=AssertionError):
+        arrays = load_arrays(DataConfig(dataset="hmnas_tiny_images", tfds_data_dir=str(tmp_path)))
+    assert arrays.class_names == ["a", "b", "c"]
+    assert arrays.train_images.shape == (6, 4, 4, 3) and arrays.test_images.shape == (3, 4, 4, 3)
+    assert sorted(arrays.train_labels.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_digits_split_is_deterministic_disjoint_and_80_20():
+    config = DataConfig(dataset="digits", batch_size=8)
+    first, again = make_search_data(config, seed=1), make_search_data(config, seed=1)
+    np.testing.assert_array_equal(first.arch_images, again.arch_images)
+    total = len(first.weight_images) + len(first.arch_images)
+    assert total == 1437 and len(first.arch_images) == round(0.2 * total)
+    weight_rows = {row.tobytes() for row in first.weight_images}
+    overlap = sum(row.tobytes() in weight_rows for row in first.arch_images)
+    assert overlap < 5  # digits holds a few duplicate images, nothing more
+    other = make_search_data(config, seed=2)
+    assert not np.array_equal(first.arch_labels, other.arch_labels)
+    assert first.image_shape == (8, 8, 1) and first.num_classes == 10
+
+
+def test_train_subset_and_normalisation():
+    data = make_search_data(DataConfig(dataset="digits", batch_size=4, train_subset=100), seed=0)
+    assert len(data.weight_images) + len(data.arch_images) == 100
+    (x, _), _ = next(iter(data.bilevel_dataset(1)))
+    assert x.shape == (4, 8, 8, 1) and x.dtype == tf.float32
+    pixels = np.concatenate([data.weight_images, data.arch_images]).astype("float64") / 255
+    np.testing.assert_allclose(data.mean, pixels.mean(), rtol=1e-5)
+
+
+def test_pipeline_resumes_at_any_step_with_the_same_batches():
+    data = make_search_data(DataConfig(dataset="digits", batch_size=32, train_subset=300), seed=0)
+    full = list(data.bilevel_dataset(3).as_numpy_iterator())
+    assert len(full) == 3 * data.steps_per_epoch
+    resumed = list(data.bilevel_dataset(3, start_step=11).as_numpy_iterator())
+    for a, b in zip(full[11:], resumed, strict=True):
+        np.testing.assert_array_equal(a[0][0], b[0][0])
+        np.testing.assert_array_equal(a[1][1], b[1][1])
+    # Each epoch is a fresh permutation of the weight part.
+    steps = data.steps_per_epoch
+    epochs = [np.concatenate([s[0][0] for s in full[e * steps : (e + 1) * steps]]) for e in range(2)]
+    for images in epochs:
+        distinct = {row.tobytes() for row in images}
+        assert len(distinct) >= len(images) - 3  # no example twice (digits has a few duplicates)
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_augmentation_crops_flips_and_cutout():
+    config = DataConfig(dataset="digits", batch_size=16, augment=True, crop_padding=2, cutout_size=4)
+    data = make_search_data(config, seed=0)
+    plain = make_search_data(DataConfig(dataset="digits", batch_size=16, augment=False), seed=0)
+    (augmented, labels), _ = next(iter(data.bilevel_dataset(1)))
+    (original, labels_plain), _ = next(iter(plain.bilevel_dataset(1)))
+    np.testing.assert_array_equal(labels, labels_plain)
+    assert augmented.shape == original.shape
+    assert not np.allclose(augmented, original)
+    # Cutout fills a square with the mean, which is zero after normalising.
+    no_cut, _ = next(iter(data.train_dataset(1, cutout=False)))
+    cut, _ = next(iter(data.train_dataset(1, cutout=True)))
+    assert np.sum(cut.numpy() == 0.0) >= np.sum(no_cut.numpy() == 0.0) + 16 * 4
+
+
+def test_batch_larger_than_the_data_is_refused():
+    with pytest.raises(DataError, match="fewer than one batch"):
+        make_search_data(DataConfig(dataset="digits", batch_size=64, train_subset=40))
