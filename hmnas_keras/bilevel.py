@@ -64,7 +64,9 @@ class ArchStepSchedule:
         if self.kind == "linear":
             return 1.0 - (1.0 - self.final_prob) * progress
         if self.kind == "cosine":
-            return self.final_prob + (1.0 - self.final_prob) * 0.5 * (1 + math.cos(math.pi * progress))
+            return self.final_prob + (1.0 - self.final_prob) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
         return 1.0 if t < self.decay_steps else self.final_prob
 
 
@@ -95,9 +97,7 @@ class ArchStepPolicy:
 
 
 def _cross_entropy(labels, logits):
-    return ops.mean(
-        keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    )
+    return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
 class BilevelSearch(keras.Model):
@@ -194,7 +194,10 @@ class BilevelSearch(keras.Model):
             logits = self.supernet(images, training=True)
         else:
             logits, _ = self.supernet.stateless_call(
-                values, [v.value for v in self.supernet.non_trainable_variables], images, training=True
+                values,
+                [v.value for v in self.supernet.non_trainable_variables],
+                images,
+                training=True,
             )
         return _cross_entropy(labels, logits), logits
 
@@ -249,7 +252,8 @@ class BilevelSearch(keras.Model):
 
         def train_arch_grads(sign):
             shifted = [
-                v.value + sign * epsilon * g for v, g in zip(weight_vars, unrolled_grads, strict=True)
+                v.value + sign * epsilon * g
+                for v, g in zip(weight_vars, unrolled_grads, strict=True)
             ]
             with tf.GradientTape() as inner:
                 inner.watch(arch_values)

@@ -39,7 +39,9 @@ class SupernetConfig:
 
     def __post_init__(self):
         if self.epochs < 1:
-            raise ValueError(f"Received an invalid epochs, expected >= 1. Received: epochs={self.epochs}")
+            raise ValueError(
+                f"Received an invalid epochs, expected >= 1. Received: epochs={self.epochs}"
+            )
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
                 "Received an invalid warmup_epochs, expected an integer in [0, epochs]. "

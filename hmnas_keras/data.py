@@ -35,6 +35,7 @@ class DataConfig:
     tfds_data_dir: str | None = None
     image_size: int | None = None
     arch_fraction: float = 0.2
+    class_subset: int | None = None
     train_subset: int | None = None
     test_subset: int | None = None
     batch_size: int = 64
@@ -49,7 +50,9 @@ class DataConfig:
                 f"Received: arch_fraction={self.arch_fraction}"
             )
         if self.batch_size < 1:
-            raise DataError(f"Received an invalid batch_size, expected >= 1. Received: {self.batch_size}")
+            raise DataError(
+                f"Received an invalid batch_size, expected >= 1. Received: {self.batch_size}"
+            )
 
 
 @dataclasses.dataclass
@@ -138,8 +141,39 @@ def _stack_images(images: list[np.ndarray], paths: list[str], image_size: int | 
     return np.stack(prepared).astype("uint8")
 
 
-def load_folder_arrays(root: str | None, image_size: int | None = None) -> ImageArrays:
-    """Reads ROOT/{train,test}/<class>/*.{jpg,jpeg,png}; classes are the train sub-folders."""
+def sample_classes(class_names: list[str], count: int | None, seed: int) -> list[str]:
+    """`count` class names drawn by `seed` (all of them when count is None), in sorted order."""
+    if count is None or count >= len(class_names):
+        return list(class_names)
+    if count < 2:
+        raise DataError(f"--class_subset={count}: classification needs at least 2 classes.")
+    chosen = np.random.default_rng([seed, 11]).choice(len(class_names), count, replace=False)
+    return [class_names[i] for i in sorted(chosen)]
+
+
+def _keep_classes(arrays: ImageArrays, names: list[str]) -> ImageArrays:
+    if names == arrays.class_names:
+        return arrays
+    new_label = np.full(len(arrays.class_names), -1, "int32")
+    for label, name in enumerate(names):
+        new_label[arrays.class_names.index(name)] = label
+    train, test = new_label[arrays.train_labels], new_label[arrays.test_labels]
+    return ImageArrays(
+        arrays.train_images[train >= 0],
+        train[train >= 0],
+        arrays.test_images[test >= 0],
+        test[test >= 0],
+        names,
+    )
+
+
+def load_folder_arrays(
+    root: str | None, image_size: int | None = None, class_subset: int | None = None, seed: int = 0
+) -> ImageArrays:
+    """Reads ROOT/{train,test}/<class>/*.{jpg,jpeg,png}; classes are the train sub-folders.
+
+    With `class_subset`, only that many classes (drawn by `seed`) are decoded.
+    """
     if not root:
         raise DataError("--dataset=folder needs --data_dir=ROOT, a folder with train/ and test/.")
     if not os.path.isdir(root):
@@ -157,23 +191,27 @@ def load_folder_arrays(root: str | None, image_size: int | None = None) -> Image
                 "each with one sub-folder per class."
             )
         names = sorted(
-            entry for entry in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, entry))
+            entry
+            for entry in os.listdir(split_dir)
+            if os.path.isdir(os.path.join(split_dir, entry))
         )
         if not names:
-            raise DataError(f"{split_dir} has no class sub-folders. Put each class's images in {split_dir}/<class>/.")
+            raise DataError(
+                f"{split_dir} has no class sub-folders. "
+                f"Put each class's images in {split_dir}/<class>/."
+            )
         if class_names is None:
             class_names = names
+            chosen = sample_classes(names, class_subset, seed)
         elif names != class_names:
             raise DataError(
                 f"The class folders of test/ ({', '.join(names)}) differ from those of train/ "
                 f"({', '.join(class_names)}). Both splits need the same class sub-folders."
             )
         paths, labels = [], []
-        for label, name in enumerate(class_names):
+        for label, name in enumerate(chosen):
             class_dir = os.path.join(split_dir, name)
-            files = sorted(
-                f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
             if not files:
                 raise DataError(
                     f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
@@ -183,12 +221,14 @@ def load_folder_arrays(root: str | None, image_size: int | None = None) -> Image
             labels += [label] * len(files)
         splits[split] = (paths, np.asarray(labels, dtype="int32"))
     if len(class_names) < 2:
-        raise DataError(f"{root} has one class ({class_names[0]}); classification needs at least 2.")
+        raise DataError(
+            f"{root} has one class ({class_names[0]}); classification needs at least 2."
+        )
     all_paths = splits["train"][0] + splits["test"][0]
     images = _stack_images(_decode_files(all_paths), all_paths, image_size)
     num_train = len(splits["train"][0])
     return ImageArrays(
-        images[:num_train], splits["train"][1], images[num_train:], splits["test"][1], class_names
+        images[:num_train], splits["train"][1], images[num_train:], splits["test"][1], chosen
     )
 
 
@@ -221,7 +261,8 @@ def load_tfds_arrays(name: str, data_dir: str | None, image_size: int | None = N
             raise DataError(
                 f"TensorFlow Datasets has no prepared copy of {name!r} in {builder.data_dir} and "
                 "cannot download it (no network). Prepare it on a machine with network access "
-                f"(`tfds build {name} --data_dir=DIR`), copy DIR here and pass --tfds_data_dir=DIR, "
+                f"(`tfds build {name} --data_dir=DIR`), copy DIR here and pass "
+                "--tfds_data_dir=DIR, "
                 "or use --dataset=folder --data_dir=ROOT with an image folder."
             )
         builder.download_and_prepare()
@@ -249,22 +290,25 @@ def load_tfds_arrays(name: str, data_dir: str | None, image_size: int | None = N
             _stack_images(images, [f"{name}/{split}[{i}]" for i in range(len(images))], image_size),
             np.asarray(labels, dtype="int32"),
         )
-    return ImageArrays(
-        *arrays["train"], *arrays[test_split], list(features["label"].names)
-    )
+    return ImageArrays(*arrays["train"], *arrays[test_split], list(features["label"].names))
 
 
-def load_arrays(config: DataConfig) -> ImageArrays:
+def load_arrays(config: DataConfig, seed: int = 0) -> ImageArrays:
     """Loads the dataset named by `config.dataset` into memory."""
+    if config.dataset == "folder":
+        return load_folder_arrays(config.data_dir, config.image_size, config.class_subset, seed)
     if config.dataset == "digits":
         arrays = load_digits_arrays()
         if config.image_size and config.image_size != 8:
-            arrays.train_images = np.stack([_resize(i, config.image_size) for i in arrays.train_images])
-            arrays.test_images = np.stack([_resize(i, config.image_size) for i in arrays.test_images])
-        return arrays
-    if config.dataset == "folder":
-        return load_folder_arrays(config.data_dir, config.image_size)
-    return load_tfds_arrays(config.dataset, config.tfds_data_dir, config.image_size)
+            arrays.train_images = np.stack(
+                [_resize(i, config.image_size) for i in arrays.train_images]
+            )
+            arrays.test_images = np.stack(
+                [_resize(i, config.image_size) for i in arrays.test_images]
+            )
+    else:
+        arrays = load_tfds_arrays(config.dataset, config.tfds_data_dir, config.image_size)
+    return _keep_classes(arrays, sample_classes(arrays.class_names, config.class_subset, seed))
 
 
 # ------------------------------------------------------------------ pipelines
@@ -318,12 +362,17 @@ class SearchData:
         arch = _BatchSource(self, self.arch_images, self.arch_labels, batch, stream=2)
         steps = tf.data.Dataset.range(start_step, epochs * self.steps_per_epoch)
         return steps.map(
-            lambda step: (weight.batch(step, self.config.augment), arch.batch(step, self.config.augment)),
+            lambda step: (
+                weight.batch(step, self.config.augment),
+                arch.batch(step, self.config.augment),
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         ).prefetch(tf.data.AUTOTUNE)
 
-    def train_dataset(self, epochs: int, start_step: int = 0, cutout: bool = False) -> tf.data.Dataset:
+    def train_dataset(
+        self, epochs: int, start_step: int = 0, cutout: bool = False
+    ) -> tf.data.Dataset:
         """(x, y) batches of the whole training split (weight + arch parts), for later phases."""
         images = np.concatenate([self.weight_images, self.arch_images])
         labels = np.concatenate([self.weight_labels, self.arch_labels])
@@ -373,7 +422,9 @@ class _BatchSource:
         images = tf.cast(tf.gather(self.images, indices), tf.float32) / 255.0
         labels = tf.gather(self.labels, indices)
         if augment:
-            images = self._augment(images, tf.stack([tf.constant(self.seed, tf.int64), step * 8 + self.stream]))
+            images = self._augment(
+                images, tf.stack([tf.constant(self.seed, tf.int64), step * 8 + self.stream])
+            )
         return (images - self.mean) / self.std, labels
 
     def _augment(self, images, seed):
@@ -384,7 +435,9 @@ class _BatchSource:
         if self.padding:
             pad = self.padding
             # Pad with the mean so that the padding is zero after normalisation.
-            padded = tf.pad(images - self.mean, [[0, 0], [pad, pad], [pad, pad], [0, 0]]) + self.mean
+            padded = (
+                tf.pad(images - self.mean, [[0, 0], [pad, pad], [pad, pad], [0, 0]]) + self.mean
+            )
             offsets = tf.random.stateless_uniform(
                 [batch, 2], seeds[0], minval=0, maxval=2 * pad + 1, dtype=tf.int32
             )
@@ -410,7 +463,7 @@ def make_search_data(
     config: DataConfig, seed: int = 0, arrays: ImageArrays | None = None
 ) -> SearchData:
     """Loads (unless given) the data and splits the training part, deterministically by `seed`."""
-    arrays = arrays or load_arrays(config)
+    arrays = arrays or load_arrays(config, seed)
     train_x, train_y = _take(seed, 0, arrays.train_images, arrays.train_labels, config.train_subset)
     test_x, test_y = _take(0, 1, arrays.test_images, arrays.test_labels, config.test_subset)
     order = np.random.default_rng([seed, 7]).permutation(len(train_x))
@@ -449,4 +502,3 @@ def describe(data: SearchData) -> str:
         f"{len(data.weight_images)} weight / {len(data.arch_images)} arch / "
         f"{len(data.test_images)} test examples"
     )
-

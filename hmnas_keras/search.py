@@ -29,6 +29,7 @@ from hmnas_keras.config import (
 )
 from hmnas_keras.data import DataConfig, DataError
 from hmnas_keras.operations import OP_NAMES
+from hmnas_keras.runtime import configure_tensorflow
 from hmnas_keras.supernet import SearchSpace
 
 FLAGS = flags.FLAGS
@@ -38,30 +39,46 @@ flags.DEFINE_string("workdir", None, "Directory for the run's outputs (required)
 flags.DEFINE_list("phases", list(PHASES), f"Phases to run, in order. Known: {', '.join(PHASES)}.")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
 flags.DEFINE_integer("seed", 0, "Seed for data splits, shuffling, initialisation and arch steps.")
-flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy: one device or mirrored.")
-flags.DEFINE_integer(
-    "logical_cpus", 0, "Split the CPU into this many logical devices (to try --strategy=mirrored "
-    "without GPUs); 0 leaves devices as they are.", lower_bound=0
+flags.DEFINE_enum(
+    "strategy", "default", STRATEGIES, "tf.distribute strategy: one device or mirrored."
 )
-flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads; 0 uses every core.", lower_bound=0)
+flags.DEFINE_integer(
+    "logical_cpus",
+    0,
+    "Split the CPU into this many logical devices (to try --strategy=mirrored "
+    "without GPUs); 0 leaves devices as they are.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "threads", 0, "TensorFlow intra-op threads (0: half the cores).", lower_bound=0
+)
 # Data.
 flags.DEFINE_string("dataset", "digits", "digits, folder (with --data_dir) or a TFDS dataset name.")
 flags.DEFINE_string("data_dir", None, "Image folder ROOT with train/<class>/ and test/<class>/.")
 flags.DEFINE_string("tfds_data_dir", None, "TensorFlow Datasets data_dir.")
 flags.DEFINE_integer("image_size", None, "Resize every image to NxN.", lower_bound=4)
-flags.DEFINE_float("arch_fraction", 0.2, "Part of the training split used for α/β.",
-                   lower_bound=0.01, upper_bound=0.99)
+flags.DEFINE_float(
+    "arch_fraction",
+    0.2,
+    "Part of the training split used for α/β.",
+    lower_bound=0.01,
+    upper_bound=0.99,
+)
+flags.DEFINE_integer(
+    "class_subset", None, "Use only N classes, drawn by --seed (paper §4.3).", lower_bound=2
+)
 flags.DEFINE_integer("train_subset", None, "Use only N training examples.", lower_bound=2)
 flags.DEFINE_integer("test_subset", None, "Use only N test examples.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "Batch size (global, over all replicas).", lower_bound=1)
 flags.DEFINE_bool("augment", True, "Random crop with padding and horizontal flip.")
 flags.DEFINE_integer("crop_padding", 4, "Padding of the random crop, in pixels.", lower_bound=0)
-flags.DEFINE_integer("cutout_size", 16, "Cutout square size for fine-tuning (0: off).", lower_bound=0)
 # Search space.
 flags.DEFINE_integer("num_cells", 3, "Cells in the supernet.", lower_bound=1)
 flags.DEFINE_integer("channels", 16, "Initial channels C.", lower_bound=1)
 flags.DEFINE_integer("num_nodes", 4, "Intermediate nodes per cell.", lower_bound=1)
-flags.DEFINE_list("ops", list(OP_NAMES), f"Candidate operations, a subset of {', '.join(OP_NAMES)}.")
+flags.DEFINE_list(
+    "ops", list(OP_NAMES), f"Candidate operations, a subset of {', '.join(OP_NAMES)}."
+)
 flags.DEFINE_bool("multi_level", True, "Learn edge weights β (false: single-level, β uniform).")
 # Supernet training.
 flags.DEFINE_integer("supernet_epochs", 100, "Supernet training epochs.", lower_bound=1)
@@ -70,27 +87,42 @@ flags.DEFINE_float("learning_rate", 0.1, "Initial weight learning rate (cosine).
 flags.DEFINE_float("learning_rate_min", 0.001, "Final weight learning rate.", lower_bound=0)
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("weight_decay", 3e-4, "L2 weight decay of the network weights.", lower_bound=0)
-flags.DEFINE_float("grad_clip_norm", 5.0, "Global-norm clip of weight gradients (0: off).", lower_bound=0)
+flags.DEFINE_float(
+    "grad_clip_norm", 5.0, "Global-norm clip of weight gradients (0: off).", lower_bound=0
+)
 flags.DEFINE_float("arch_learning_rate", 3e-4, "Adam learning rate of α, β.", lower_bound=0)
 flags.DEFINE_float("arch_beta_1", 0.5, "Adam β1 of α, β.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("arch_weight_decay", 1e-3, "L2 weight decay of α, β.", lower_bound=0)
 flags.DEFINE_bool("second_order", False, "DARTS' second-order (unrolled) arch gradient.")
 flags.DEFINE_enum("arch_step_schedule", "constant", SCHEDULES, "σ: probability of an arch step.")
-flags.DEFINE_float("arch_step_final_prob", 0.0, "Final σ of the linear/cosine/step schedules.",
-                   lower_bound=0, upper_bound=1)
-flags.DEFINE_integer("arch_step_decay_epochs", 0, "Epochs over which σ decays (0: all after "
-                     "warm-up).", lower_bound=0)
-flags.DEFINE_integer("test_every", 1, "Test accuracy every N epochs (0: only at the end).",
-                     lower_bound=0)
-flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps (0: epoch ends "
-                     "only).", lower_bound=0)
+flags.DEFINE_float(
+    "arch_step_final_prob",
+    0.0,
+    "Final σ of the linear/cosine/step schedules.",
+    lower_bound=0,
+    upper_bound=1,
+)
+flags.DEFINE_integer(
+    "arch_step_decay_epochs", 0, "Epochs over which σ decays (0: all after warm-up).", lower_bound=0
+)
+flags.DEFINE_integer(
+    "test_every", 1, "Test accuracy every N epochs (0: only at the end).", lower_bound=0
+)
+flags.DEFINE_integer(
+    "checkpoint_every_steps",
+    0,
+    "Also checkpoint every N steps (0: epoch ends only).",
+    lower_bound=0,
+)
 
 flags.register_validator(
-    "phases", lambda value: all(p in PHASES for p in value),
+    "phases",
+    lambda value: all(p in PHASES for p in value),
     message=f"--phases takes a comma list of: {', '.join(PHASES)}.",
 )
 flags.register_validator(
-    "ops", lambda value: bool(value) and all(op in OP_NAMES for op in value),
+    "ops",
+    lambda value: bool(value) and all(op in OP_NAMES for op in value),
     message=f"--ops takes a comma list of: {', '.join(OP_NAMES)}.",
 )
 
@@ -108,12 +140,12 @@ def config_from_flags() -> RunConfig:
             tfds_data_dir=FLAGS.tfds_data_dir,
             image_size=FLAGS.image_size,
             arch_fraction=FLAGS.arch_fraction,
+            class_subset=FLAGS.class_subset,
             train_subset=FLAGS.train_subset,
             test_subset=FLAGS.test_subset,
             batch_size=FLAGS.batch_size,
             augment=FLAGS.augment,
             crop_padding=FLAGS.crop_padding,
-            cutout_size=FLAGS.cutout_size,
         ),
         search_space=SearchSpace(
             num_cells=FLAGS.num_cells,
@@ -198,19 +230,6 @@ def _changed_flags(saved: RunConfig) -> list[str]:
     return changed
 
 
-def configure_tensorflow(threads: int, logical_cpus: int) -> None:
-    """Thread pools and logical devices; must run before TensorFlow starts its runtime."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads or os.cpu_count() or 1)
-    tf.config.threading.set_inter_op_parallelism_threads(2)
-    if logical_cpus:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
-        )
-
-
 def make_strategy(name: str):
     import tensorflow as tf
 
@@ -238,7 +257,8 @@ def run(config: RunConfig, workdir: str) -> dict:
         print(
             f"Supernet: test accuracy {result.summary['test_accuracy']:.4f}, "
             f"{result.summary['weight_parameters']:,} weights, "
-            f"{result.summary['wall_seconds']:.0f} s. Outputs in {os.path.join(workdir, 'supernet')}"
+            f"{result.summary['wall_seconds']:.0f} s. "
+            f"Outputs in {os.path.join(workdir, 'supernet')}"
         )
     return summaries
 

@@ -13,7 +13,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from hmnas_keras.operations import OP_NAMES, ReLUConvBN, FactorizedReduce, build_op
+from hmnas_keras.operations import (
+    OP_NAMES,
+    FactorizedReduce,
+    ReLUConvBN,
+    build_op,
+    is_parameter_free,
+)
 
 CELL_TYPES = ("normal", "reduce")
 
@@ -67,9 +73,7 @@ class SearchSpace:
     def edges(self) -> tuple[tuple[int, int], ...]:
         """(source, target) node pairs; nodes 0, 1 are the inputs, 2.. the intermediates."""
         return tuple(
-            (source, target)
-            for target in range(2, self.num_nodes + 2)
-            for source in range(target)
+            (source, target) for target in range(2, self.num_nodes + 2) for source in range(target)
         )
 
     @property
@@ -78,24 +82,43 @@ class SearchSpace:
 
 
 class MixedOp(keras.layers.Layer):
-    """Eq. 1: Σ_k w_k · op_k(x) with externally supplied op weights w."""
+    """Eq. 1: Σ_k w_k · op_k(x) with externally supplied op weights w.
 
-    def __init__(self, channels: int, stride: int, op_names=OP_NAMES, **kwargs):
+    Operations named in `shared_op_names` are parameter-free: their output
+    depends only on x, so the cell computes them once per source node and
+    passes them in `shared_outputs` instead of every edge recomputing them.
+    """
+
+    def __init__(self, channels: int, stride: int, op_names=OP_NAMES, shared_op_names=(), **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
         self.stride = stride
         self.op_names = tuple(op_names)
-        self.candidates = [build_op(name, channels, stride) for name in self.op_names]
+        self.shared_op_names = tuple(shared_op_names)
+        self.candidates = {
+            name: build_op(name, channels, stride)
+            for name in self.op_names
+            if name not in self.shared_op_names
+        }
 
-    def call(self, x, op_weights, training=None):
+    def call(self, x, op_weights, shared_outputs=None, training=None):
         output = 0.0
-        for k, op in enumerate(self.candidates):
-            output = output + op_weights[k] * op(x, training=training)
+        for k, name in enumerate(self.op_names):
+            if name in self.candidates:
+                op_output = self.candidates[name](x, training=training)
+            else:
+                op_output = shared_outputs[name]
+            output = output + op_weights[k] * op_output
         return output
 
     def get_config(self):
         config = super().get_config()
-        config.update(channels=self.channels, stride=self.stride, op_names=list(self.op_names))
+        config.update(
+            channels=self.channels,
+            stride=self.stride,
+            op_names=list(self.op_names),
+            shared_op_names=list(self.shared_op_names),
+        )
         return config
 
 
@@ -103,7 +126,9 @@ class Cell(keras.layers.Layer):
     """Eq. 2: node i = Σ_j edge_weight(i, j) · MixedOp_{j→i}(node j).
 
     Inputs are the outputs of the two previous cells; the output concatenates
-    the intermediate nodes (num_nodes · channels channels).
+    the intermediate nodes (num_nodes · channels channels). Parameter-free
+    operations (pooling with its affine-free BN, identity) give the same output
+    on every edge leaving a node, so `source_ops` computes them once per node.
     """
 
     def __init__(
@@ -124,15 +149,33 @@ class Cell(keras.layers.Layer):
         if reduction_prev:
             self.preprocess_0 = FactorizedReduce(channels, name="preprocess_0")
         else:
-            self.preprocess_0 = ReLUConvBN(channels, 1, name="preprocess_0")
-        self.preprocess_1 = ReLUConvBN(channels, 1, name="preprocess_1")
+            self.preprocess_0 = ReLUConvBN(channels, name="preprocess_0")
+        self.preprocess_1 = ReLUConvBN(channels, name="preprocess_1")
+        self.source_ops = []
+        for source in range(num_nodes + 1):
+            stride = self._stride(source)
+            self.source_ops.append(
+                {
+                    name: build_op(name, channels, stride, name=f"node_{source}_{name}")
+                    for name in self.op_names
+                    if is_parameter_free(name, stride)
+                }
+            )
         self.edge_ops = []
         for target in range(2, num_nodes + 2):
             for source in range(target):
-                stride = 2 if reduction and source < 2 else 1
                 self.edge_ops.append(
-                    MixedOp(channels, stride, self.op_names, name=f"edge_{source}_{target}")
+                    MixedOp(
+                        channels,
+                        self._stride(source),
+                        self.op_names,
+                        shared_op_names=tuple(self.source_ops[source]),
+                        name=f"edge_{source}_{target}",
+                    )
                 )
+
+    def _stride(self, source: int) -> int:
+        return 2 if self.reduction and source < 2 else 1
 
     def call(self, s0, s1, op_weights, edge_weights, training=None):
         """op_weights: [num_edges, num_ops]; edge_weights: [num_edges], in edge order."""
@@ -140,11 +183,23 @@ class Cell(keras.layers.Layer):
             self.preprocess_0(s0, training=training),
             self.preprocess_1(s1, training=training),
         ]
+        shared = []
         edge = 0
         for target in range(2, self.num_nodes + 2):
+            # Shared outputs of the node that just became available.
+            while len(shared) < target:
+                source = len(shared)
+                shared.append(
+                    {
+                        name: op(nodes[source], training=training)
+                        for name, op in self.source_ops[source].items()
+                    }
+                )
             node = 0.0
             for source in range(target):
-                mixed = self.edge_ops[edge](nodes[source], op_weights[edge], training=training)
+                mixed = self.edge_ops[edge](
+                    nodes[source], op_weights[edge], shared[source], training=training
+                )
                 node = node + edge_weights[edge] * mixed
                 edge += 1
             nodes.append(node)

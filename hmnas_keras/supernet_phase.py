@@ -100,8 +100,10 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
 
 def state_variables(search: BilevelSearch) -> list:
     """Every variable of the training state, in a fixed order."""
-    return list(search.supernet.variables) + search.optimizer_variables + list(
-        search.metrics_variables
+    return (
+        list(search.supernet.variables)
+        + search.optimizer_variables
+        + list(search.metrics_variables)
     )
 
 
@@ -112,7 +114,9 @@ def count_parameters(variables) -> int:
 class _PhaseLogger(keras.callbacks.Callback):
     """Logs each epoch, checkpoints, stops on NaN; keeps files consistent on resume."""
 
-    def __init__(self, phase_dir, search, data, train, start_epoch, start_step, elapsed, metric_values):
+    def __init__(
+        self, phase_dir, search, data, train, start_epoch, start_step, elapsed, metric_values
+    ):
         super().__init__()
         self.phase_dir = phase_dir
         self.search = search
@@ -146,7 +150,9 @@ class _PhaseLogger(keras.callbacks.Callback):
         self.epoch = epoch
         if self.metric_values is not None:
             # A resumed partial epoch continues the accumulators it had.
-            for variable, value in zip(self.search.metrics_variables, self.metric_values, strict=True):
+            for variable, value in zip(
+                self.search.metrics_variables, self.metric_values, strict=True
+            ):
                 variable.assign(value)
             self.metric_values = None
 

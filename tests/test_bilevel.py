@@ -10,10 +10,15 @@ OPS = ("sep_conv_3x3", "avg_pool_3x3", "skip_connect")
 SHAPE = (8, 8, 3)
 
 
-def make_search(policy=ArchStepPolicy(), second_order=False, lr=0.05, arch_lr=0.01, clip=5.0):
+def make_search(policy=None, second_order=False, lr=0.05, arch_lr=0.01, clip=5.0):
     keras.utils.set_random_seed(0)
     space = SearchSpace(num_cells=2, channels=4, num_nodes=2, op_names=OPS)
-    search = BilevelSearch(Supernet(space, 3), policy, second_order=second_order, grad_clip_norm=clip)
+    search = BilevelSearch(
+        Supernet(space, 3),
+        policy or ArchStepPolicy(),
+        second_order=second_order,
+        grad_clip_norm=clip,
+    )
     search.compile(
         keras.optimizers.SGD(lr, momentum=0.9),
         keras.optimizers.Adam(arch_lr, beta_1=0.5),
@@ -71,7 +76,9 @@ def test_first_order_step_uses_the_arch_batch_for_alpha_and_the_weight_batch_for
             arch_batch[1], net(arch_batch[0], training=True), from_logits=True
         )
         loss = tf.reduce_mean(loss)
-    arch_grads = [g.numpy() + 1e-3 * a for g, a in zip(tape.gradient(loss, net.arch_variables), arch_before)]
+    arch_grads = [
+        g.numpy() + 1e-3 * a for g, a in zip(tape.gradient(loss, net.arch_variables), arch_before)
+    ]
     search.fit(tf.data.Dataset.from_tensors((weight_batch, arch_batch)), epochs=1, verbose=0)
     arch_after = values(net.arch_variables)
     for before, after, grad in zip(arch_before, arch_after, arch_grads):
@@ -91,22 +98,33 @@ def test_first_order_step_uses_the_arch_batch_for_alpha_and_the_weight_batch_for
         )
     grads = tape.gradient(loss, check.weight_variables)
     for before, after, grad in zip(weights_before, values(net.weight_variables), grads):
-        np.testing.assert_allclose(after, before - 0.05 * (grad.numpy() + 3e-4 * before), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(
+            after, before - 0.05 * (grad.numpy() + 3e-4 * before), rtol=1e-3, atol=1e-6
+        )
 
 
 def test_warmup_freezes_alpha_beta_while_weights_train():
     search = make_search(ArchStepPolicy(warmup_steps=3))
-    arch_before, weights_before = values(search.supernet.arch_variables), values(search.supernet.weight_variables)
+    arch_before, weights_before = (
+        values(search.supernet.arch_variables),
+        values(search.supernet.weight_variables),
+    )
     data = tf.data.Dataset.from_tensors((batches(4, 0), batches(4, 1))).repeat(3)
     history = search.fit(data, epochs=1, verbose=0)
     assert history.history["arch_step_fraction"] == [0.0]
     for before, after in zip(arch_before, values(search.supernet.arch_variables)):
         np.testing.assert_array_equal(before, after)
-    assert any(not np.array_equal(b, a) for b, a in zip(weights_before, values(search.supernet.weight_variables)))
+    assert any(
+        not np.array_equal(b, a)
+        for b, a in zip(weights_before, values(search.supernet.weight_variables))
+    )
     # Iterations 3.. are past warm-up: the next epoch steps α/β every time.
     history = search.fit(data, epochs=1, verbose=0)
     assert history.history["arch_step_fraction"] == [1.0]
-    assert all(not np.array_equal(b, a) for b, a in zip(arch_before, values(search.supernet.arch_variables)))
+    assert all(
+        not np.array_equal(b, a)
+        for b, a in zip(arch_before, values(search.supernet.arch_variables))
+    )
 
 
 def test_sigma_zero_never_and_sigma_one_always_steps_alpha():
@@ -120,7 +138,9 @@ def test_sigma_zero_never_and_sigma_one_always_steps_alpha():
 
 
 def _ce(labels, logits):
-    return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+    return tf.reduce_mean(
+        keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    )
 
 
 def test_second_order_arch_gradient_matches_a_numerical_check():

@@ -36,7 +36,9 @@ def test_restore_brings_back_every_variable(tmp_path):
 
     fresh = build_search(RunConfig(**{**config.__dict__, "seed": 9}), data)
     fresh_variables = state_variables(fresh)
-    changed = [not np.array_equal(keras.ops.convert_to_numpy(v), s) for v, s in zip(fresh_variables, saved)]
+    changed = [
+        not np.array_equal(keras.ops.convert_to_numpy(v), s) for v, s in zip(fresh_variables, saved)
+    ]
     assert sum(changed) > len(changed) // 3
     assert restore_checkpoint(path, fresh_variables) == {"epoch": 1}
     for variable, value in zip(fresh_variables, saved, strict=True):

@@ -6,7 +6,13 @@ import pytest
 import tensorflow as tf
 
 from hmnas_keras import data as data_module
-from hmnas_keras.data import DataConfig, DataError, load_arrays, load_folder_arrays, make_search_data
+from hmnas_keras.data import (
+    DataConfig,
+    DataError,
+    load_arrays,
+    load_folder_arrays,
+    make_search_data,
+)
 
 
 def write_image(path, array):
@@ -52,14 +58,21 @@ def test_mixed_sizes_need_image_size(tmp_path):
     "breakage, message",
     [
         (lambda root: None, "does not exist"),
-        (lambda root: make_folder(root) and _remove(os.path.join(root, "test")), "Missing split folder"),
+        (
+            lambda root: make_folder(root) and _remove(os.path.join(root, "test")),
+            "Missing split folder",
+        ),
         (
             lambda root: make_folder(root) and os.makedirs(os.path.join(root, "train", "emu")),
             "holds no images",
         ),
         (
-            lambda root: make_folder(root)
-            and open(os.path.join(root, "train", "cat", "broken.jpg"), "wb").write(b"not an image"),
+            lambda root: (
+                make_folder(root)
+                and open(os.path.join(root, "train", "cat", "broken.jpg"), "wb").write(
+                    b"not an image"
+                )
+            ),
             r"Cannot read image file .*broken.jpg",
         ),
     ],
@@ -156,7 +169,9 @@ def test_pipeline_resumes_at_any_step_with_the_same_batches():
         np.testing.assert_array_equal(a[1][1], b[1][1])
     # Each epoch is a fresh permutation of the weight part.
     steps = data.steps_per_epoch
-    epochs = [np.concatenate([s[0][0] for s in full[e * steps : (e + 1) * steps]]) for e in range(2)]
+    epochs = [
+        np.concatenate([s[0][0] for s in full[e * steps : (e + 1) * steps]]) for e in range(2)
+    ]
     for images in epochs:
         distinct = {row.tobytes() for row in images}
         assert len(distinct) >= len(images) - 3  # no example twice (digits has a few duplicates)
@@ -164,7 +179,9 @@ def test_pipeline_resumes_at_any_step_with_the_same_batches():
 
 
 def test_augmentation_crops_flips_and_cutout():
-    config = DataConfig(dataset="digits", batch_size=16, augment=True, crop_padding=2, cutout_size=4)
+    config = DataConfig(
+        dataset="digits", batch_size=16, augment=True, crop_padding=2, cutout_size=4
+    )
     data = make_search_data(config, seed=0)
     plain = make_search_data(DataConfig(dataset="digits", batch_size=16, augment=False), seed=0)
     (augmented, labels), _ = next(iter(data.bilevel_dataset(1)))
@@ -181,3 +198,16 @@ def test_augmentation_crops_flips_and_cutout():
 def test_batch_larger_than_the_data_is_refused():
     with pytest.raises(DataError, match="fewer than one batch"):
         make_search_data(DataConfig(dataset="digits", batch_size=64, train_subset=40))
+
+
+def test_class_subset_keeps_n_classes_drawn_by_seed(tmp_path):
+    root = make_folder(str(tmp_path), classes=("a", "b", "c", "d"), per_class=2)
+    arrays = load_folder_arrays(root, class_subset=2, seed=3)
+    assert len(arrays.class_names) == 2 and set(arrays.class_names) < {"a", "b", "c", "d"}
+    assert arrays.train_images.shape[0] == 4 and sorted(set(arrays.train_labels)) == [0, 1]
+    digits = load_arrays(DataConfig(dataset="digits", class_subset=3), seed=1)
+    assert len(digits.class_names) == 3 and set(digits.test_labels.tolist()) == {0, 1, 2}
+    assert (
+        load_arrays(DataConfig(dataset="digits", class_subset=3), seed=1).class_names
+        == digits.class_names
+    )

@@ -21,3 +21,19 @@ def test_factorized_reduce_handles_odd_sizes_and_odd_channels():
 def test_unknown_op_is_refused_with_the_known_names():
     with pytest.raises(ValueError, match="sep_conv_3x3.*Received: op_name='conv_7x7'"):
         build_op("conv_7x7", 4, 1)
+
+
+def test_stride_two_dilated_conv_equals_the_dilated_conv_at_even_positions():
+    import tensorflow as tf
+
+    from hmnas_keras.operations import DilConv
+
+    images = np.random.default_rng(1).normal(size=(2, 9, 9, 3)).astype("float32")
+    strided = DilConv(3, 5, stride=2)
+    strided(images)
+    kernel = strided.depthwise.kernel
+    full = tf.nn.depthwise_conv2d(
+        tf.nn.relu(images), kernel, [1, 1, 1, 1], "SAME", dilations=[2, 2]
+    )[:, ::2, ::2, :]
+    expected = strided.bn(strided.pointwise(full), training=False)
+    np.testing.assert_allclose(strided(images, training=False), expected, rtol=1e-5, atol=1e-5)

@@ -54,7 +54,9 @@ def test_cli_end_to_end_writes_every_artifact(tmp_path):
     assert rows[0]["arch_loss"] == "" and float(rows[0]["arch_step_fraction"]) == 0.0
     assert float(rows[1]["arch_step_fraction"]) == 1.0 and float(rows[1]["arch_loss"]) > 0
     assert 0.0 <= float(rows[1]["test_accuracy"]) <= 1.0
-    history = [json.loads(line) for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))]
+    history = [
+        json.loads(line) for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))
+    ]
     assert [h["epoch"] for h in history] == [1, 2]
     ops = np.array(history[1]["weights"]["reduce"]["ops"])
     assert ops.shape == (5, 2) and np.allclose(ops.sum(axis=1), 1, atol=1e-5)
@@ -99,7 +101,10 @@ def test_killed_run_resumes_with_a_continuous_history(tmp_path):
     assert final["finished"] and final["global_step"] == 30
     summary = json.load(open(os.path.join(workdir, "supernet", "summary.json")))
     assert summary["steps"] == 30
-    history = [json.loads(line)["epoch"] for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))]
+    history = [
+        json.loads(line)["epoch"]
+        for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))
+    ]
     assert history == [1, 2, 3]
 
 

@@ -17,7 +17,9 @@ def test_mixed_op_is_the_weighted_sum_of_its_ops():
     mixed = MixedOp(4, 1, OPS)
     weights = np.array([0.2, 0.5, 0.3], "float32")
     output = np.asarray(mixed(x, weights, training=False))
-    expected = sum(w * np.asarray(op(x, training=False)) for w, op in zip(weights, mixed.candidates))
+    expected = sum(
+        w * np.asarray(mixed.candidates[name](x, training=False)) for w, name in zip(weights, OPS)
+    )
     np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -36,14 +38,17 @@ def test_cell_follows_eq2_by_hand():
     p0 = np.asarray(cell.preprocess_0(s0, training=False))
     p1 = np.asarray(cell.preprocess_1(s1, training=False))
 
-    def edge(index, x):
+    def edge(index, source, x):
+        # Parameter-free ops (pooling, identity) are computed once per source node.
+        own, shared = cell.edge_ops[index].candidates, cell.source_ops[source]
+        assert set(own) | set(shared) == set(OPS) and not set(own) & set(shared)
         return sum(
-            op_w[index, k] * np.asarray(op(x, training=False))
-            for k, op in enumerate(cell.edge_ops[index].candidates)
+            op_w[index, k] * np.asarray((own.get(name) or shared[name])(x, training=False))
+            for k, name in enumerate(OPS)
         )
 
-    node2 = edge_w[0] * edge(0, p0) + edge_w[1] * edge(1, p1)
-    node3 = edge_w[2] * edge(2, p0) + edge_w[3] * edge(3, p1) + edge_w[4] * edge(4, node2)
+    node2 = edge_w[0] * edge(0, 0, p0) + edge_w[1] * edge(1, 1, p1)
+    node3 = edge_w[2] * edge(2, 0, p0) + edge_w[3] * edge(3, 1, p1) + edge_w[4] * edge(4, 2, node2)
     np.testing.assert_allclose(output, np.concatenate([node2, node3], -1), rtol=1e-4, atol=1e-5)
 
 
@@ -103,5 +108,7 @@ def test_edge_weights_sum_to_one_per_node():
     net(np.zeros((1, 8, 8, 3), "float32"))
     net.betas["reduce"].assign(np.arange(9, dtype="float32"))
     weights = np.asarray(net.edge_weights("reduce"))
-    np.testing.assert_allclose([weights[:2].sum(), weights[2:5].sum(), weights[5:].sum()], 1, rtol=1e-6)
+    np.testing.assert_allclose(
+        [weights[:2].sum(), weights[2:5].sum(), weights[5:].sum()], 1, rtol=1e-6
+    )
     assert float(ops.sum(net.op_weights("reduce"))) == pytest.approx(9.0, rel=1e-5)
