@@ -154,9 +154,13 @@ class BilevelSearch(keras.Model):
             self.arch_step_fraction,
         ]
 
-    def compile(self, weight_optimizer, arch_optimizer, **kwargs):
-        """Takes both optimizers; `weight_optimizer` becomes `self.optimizer`."""
-        super().compile(optimizer=weight_optimizer, **kwargs)
+    def compile(self, weight_optimizer, arch_optimizer, jit_compile=False, **kwargs):
+        """Takes both optimizers; `weight_optimizer` becomes `self.optimizer`.
+
+        XLA is off unless asked for: Keras' "auto" would turn it on with a GPU,
+        and on a CPU it made the supernet step much slower.
+        """
+        super().compile(optimizer=weight_optimizer, jit_compile=jit_compile, **kwargs)
         self.weight_optimizer = weight_optimizer
         self.arch_optimizer = arch_optimizer
 

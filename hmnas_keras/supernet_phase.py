@@ -254,10 +254,13 @@ def run_supernet_phase(
         if state["step_in_epoch"]:
             metric_values = [keras.ops.convert_to_numpy(v) for v in search.metrics_variables]
         _truncate_logs(phase_dir, state["epoch"])
-        print(
-            f"Resuming the supernet phase at epoch {state['epoch'] + 1}, "
-            f"step {state['step_in_epoch']} of {data.steps_per_epoch}."
-        )
+        if state["finished"]:
+            print(f"The supernet phase already finished its {train.epochs} epochs.")
+        else:
+            print(
+                f"Resuming the supernet phase at epoch {state['epoch'] + 1}, "
+                f"step {state['step_in_epoch']} of {data.steps_per_epoch}."
+            )
 
     logger = _PhaseLogger(
         phase_dir,

@@ -138,3 +138,18 @@ def test_resume_without_a_run_is_refused(tmp_path):
     result = search(str(tmp_path / "empty"), "--resume")
     assert result.returncode == 1
     assert "no run to resume" in result.stderr
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    result = search(
+        workdir, "--supernet_epochs=2", "--learning_rate=1e30", "--checkpoint_every_steps=1"
+    )
+    assert result.returncode == 1
+    assert "The supernet loss became NaN" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    checkpoint = os.path.join(workdir, "supernet", "checkpoint.npz")
+    state = read_state(checkpoint)
+    assert state["global_step"] >= 1 and not state["finished"]
+    with np.load(checkpoint) as archive:
+        assert all(np.all(np.isfinite(archive[k])) for k in archive.files if k.startswith("v"))
