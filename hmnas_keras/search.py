@@ -196,7 +196,9 @@ def prepare_workdir(workdir: str, resume: bool) -> RunConfig:
                 ", ".join(changed),
             )
         return saved
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    # A workdir holding only config.json is a run that failed before training
+    # (bad data flags, say): starting again there overwrites nothing of value.
+    if os.path.isdir(workdir) and set(os.listdir(workdir)) - {CONFIG_FILE}:
         raise UsageError(
             f"Workdir {workdir} is not empty. Pass --resume to continue the run in it, or choose "
             "a new --workdir (nothing was overwritten)."

@@ -153,3 +153,14 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert state["global_step"] >= 1 and not state["finished"]
     with np.load(checkpoint) as archive:
         assert all(np.all(np.isfinite(archive[k])) for k in archive.files if k.startswith("v"))
+
+
+def test_a_run_that_failed_before_training_can_be_started_again(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = search(workdir, "--dataset=folder")
+    assert first.returncode == 1 and "needs --data_dir" in first.stderr
+    second = search(workdir, "--dataset=folder", f"--data_dir={tmp_path / 'missing'}")
+    assert second.returncode == 1 and "does not exist" in second.stderr
+    assert json.load(open(os.path.join(workdir, "config.json")))["data"]["data_dir"].endswith(
+        "missing"
+    )
