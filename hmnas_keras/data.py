@@ -65,10 +65,6 @@ class ImageArrays:
     test_labels: np.ndarray
     class_names: list[str]
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.train_images.shape[1:])
-
 
 # ------------------------------------------------------------------ sources
 
