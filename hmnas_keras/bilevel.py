@@ -214,10 +214,6 @@ class BilevelSearch(keras.Model):
             by_id[id(variable)] = value
         return [by_id[id(v)] for v in self.supernet.trainable_variables]
 
-    def _weight_learning_rate(self):
-        learning_rate = self.weight_optimizer.learning_rate
-        return ops.cast(learning_rate, "float32")
-
     def arch_gradients(self, weight_batch, arch_batch):
         """Gradient of the architecture loss w.r.t. α, β (first or second order).
 
@@ -235,7 +231,7 @@ class BilevelSearch(keras.Model):
 
         weight_images, weight_labels = weight_batch
         weight_vars = self.supernet.weight_variables
-        xi = self._weight_learning_rate()
+        xi = ops.cast(self.weight_optimizer.learning_rate, "float32")
         arch_values = [v.value for v in arch_vars]
         with tf.GradientTape() as tape:
             train_loss, _ = self._loss_on(weight_images, weight_labels)
