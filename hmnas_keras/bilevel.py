@@ -96,6 +96,29 @@ class ArchStepPolicy:
         return bool(np.random.default_rng([self.seed, iteration]).random() < probability)
 
 
+def _global_gradients(grads):
+    """Sums per-replica gradients, so that clipping sees the whole batch's gradient."""
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1:
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    return grads
+
+
+def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_norm):
+    """One SGD-style update as in DARTS: global-norm clip, coupled L2 decay, apply.
+
+    Under a distribution strategy the per-replica gradients are summed first,
+    so that the clip sees the global gradient; the optimizer then sums what each
+    replica passes, so each hands it 1/replicas of the total.
+    """
+    scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+    grads = [g * scale for g in _global_gradients(grads)]
+    if grad_clip_norm > 0:
+        grads, _ = tf.clip_by_global_norm(grads, grad_clip_norm)
+    grads = [(g + weight_decay * v.value) * scale for g, v in zip(grads, variables, strict=True)]
+    optimizer.apply(grads, variables)
+
+
 def _cross_entropy(labels, logits):
     return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
@@ -182,15 +205,6 @@ class BilevelSearch(keras.Model):
 
     def _replica_scale(self):
         return 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-
-    def _global_gradients(self, grads):
-        """Sums per-replica gradients, so that clipping sees the whole batch's gradient."""
-        strategy = tf.distribute.get_strategy()
-        if strategy.num_replicas_in_sync > 1:
-            grads = tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, grads
-            )
-        return grads
 
     def _loss_on(self, images, labels, values=None):
         """Training-mode loss, optionally with `values` substituted for the trainable variables."""
@@ -286,16 +300,13 @@ class BilevelSearch(keras.Model):
         weight_vars = self.supernet.weight_variables
         with tf.GradientTape() as tape:
             loss, logits = self._loss_on(images, labels)
-        scale = self._replica_scale()
-        grads = [g * scale for g in self._global_gradients(tape.gradient(loss, weight_vars))]
-        if self.grad_clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip_norm)
-        # The optimizer sums what each replica passes: hand it 1/replicas of the total.
-        grads = [
-            (g + self.weight_decay * v.value) * scale
-            for g, v in zip(grads, weight_vars, strict=True)
-        ]
-        self.weight_optimizer.apply(grads, weight_vars)
+        apply_weight_gradients(
+            self.weight_optimizer,
+            tape.gradient(loss, weight_vars),
+            weight_vars,
+            self.weight_decay,
+            self.grad_clip_norm,
+        )
         self.weight_loss.update_state(loss)
         self.weight_accuracy.update_state(labels, logits)
 

@@ -69,3 +69,12 @@ def restore_checkpoint(path: str, variables: list) -> dict:
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
         return json.loads(str(archive["__state__"]))
+
+
+def read_arrays(path: str, prefix: str = "") -> dict:
+    """{variable path: array} of a checkpoint's variables whose path starts with `prefix`."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"No checkpoint at {path}.")
+    with np.load(path) as archive:
+        paths = json.loads(str(archive["__paths__"]))
+        return {p: archive[f"v{i:05d}"] for i, p in enumerate(paths) if p.startswith(prefix)}

@@ -8,7 +8,9 @@ from hmnas_keras.bilevel import SCHEDULES
 from hmnas_keras.data import DataConfig
 from hmnas_keras.supernet import SearchSpace
 
-PHASES = ("supernet",)
+PHASES = ("supernet", "mask", "finetune")
+DERIVATIONS = ("masks", "darts", "random")
+FINETUNE_INITS = ("inherited", "scratch")
 STRATEGIES = ("default", "mirrored")
 CONFIG_FILE = "config.json"
 
@@ -55,15 +57,95 @@ class SupernetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskConfig:
+    """Hierarchical masking (paper §4.2 defaults)."""
+
+    epochs: int = 20
+    weight_learning_rate: float = 1e-4
+    arch_learning_rate: float = 1e-5
+    # Both learning rates are multiplied by decay_factor after decay_epochs epochs.
+    decay_epochs: int = 10
+    decay_factor: float = 0.1
+    initial_value: float = 1e-2
+    threshold: float = 5e-3
+    test_every: int = 1
+    checkpoint_every_steps: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(
+                f"Received an invalid mask epochs, expected >= 1. Received: epochs={self.epochs}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning of the searched network (paper §3.4, §4.2: 200 epochs, cutout)."""
+
+    epochs: int = 200
+    learning_rate: float = 0.025
+    learning_rate_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip_norm: float = 5.0
+    test_every: int = 1
+    checkpoint_every_steps: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(
+                "Received an invalid finetune epochs, expected >= 1. "
+                f"Received: epochs={self.epochs}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a run needs; library code receives this, never flags."""
+    """Everything a run needs; library code receives this, never flags.
+
+    `derivation` picks how the architecture is derived (learned masks, DARTS'
+    heuristic, random); `finetune_init` whether the searched network starts
+    from the supernet's weights or from scratch; `architecture` an existing
+    architecture.json to train instead of deriving one; `supernet_checkpoint`
+    a trained supernet from another run for runs without the supernet phase.
+    """
 
     data: DataConfig = DataConfig()
     search_space: SearchSpace = SearchSpace()
     supernet: SupernetConfig = SupernetConfig()
+    mask: MaskConfig = MaskConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     phases: tuple[str, ...] = PHASES
+    derivation: str = "masks"
+    finetune_init: str = "inherited"
+    architecture: str | None = None
+    supernet_checkpoint: str | None = None
     seed: int = 0
     strategy: str = "default"
+
+    def __post_init__(self):
+        if self.derivation not in DERIVATIONS:
+            raise ValueError(
+                f"Received an unknown derivation, expected one of {', '.join(DERIVATIONS)}. "
+                f"Received: {self.derivation!r}"
+            )
+        if self.finetune_init not in FINETUNE_INITS:
+            raise ValueError(
+                f"Received an unknown finetune_init, expected one of "
+                f"{', '.join(FINETUNE_INITS)}. Received: {self.finetune_init!r}"
+            )
+        if "mask" in self.phases and self.derivation != "masks":
+            raise ValueError(
+                f"The mask phase learns the masks of --derivation=masks; with "
+                f"--derivation={self.derivation} leave it out of --phases."
+            )
+        if self.architecture and self.finetune_init != "scratch":
+            raise ValueError(
+                "--architecture trains an existing architecture.json from scratch: its weights "
+                "belong to another run. Add --finetune_init=scratch."
+            )
+        if self.architecture and set(self.phases) != {"finetune"}:
+            raise ValueError("--architecture goes with --phases=finetune only.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,7 +158,13 @@ class RunConfig:
             data=DataConfig(**values["data"]),
             search_space=SearchSpace(**space),
             supernet=SupernetConfig(**values["supernet"]),
+            mask=MaskConfig(**values["mask"]),
+            finetune=FinetuneConfig(**values["finetune"]),
             phases=tuple(values["phases"]),
+            derivation=values["derivation"],
+            finetune_init=values["finetune_init"],
+            architecture=values["architecture"],
+            supernet_checkpoint=values["supernet_checkpoint"],
             seed=values["seed"],
             strategy=values["strategy"],
         )

@@ -347,6 +347,11 @@ class SearchData:
         """Weight steps per epoch (full batches of the weight part)."""
         return len(self.weight_images) // self.config.batch_size
 
+    @property
+    def train_steps_per_epoch(self) -> int:
+        """Steps per epoch over the whole training split (masking, fine-tuning)."""
+        return (len(self.weight_images) + len(self.arch_images)) // self.config.batch_size
+
     def bilevel_dataset(self, epochs: int, start_step: int = 0) -> tf.data.Dataset:
         """((weight_x, weight_y), (arch_x, arch_y)) for global steps [start_step, epochs·steps).
 

@@ -8,6 +8,7 @@ order of `OP_NAMES` is the order of the rows of α.
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -53,7 +54,94 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         return outputs
 
 
-class PointwiseConv(keras.layers.Conv2D):
+# Set by `count_macs()` while it runs a network eagerly: one (layer, MACs,
+# non-zero MACs) record per call of a kernel layer.
+_MAC_RECORDS = None
+
+
+class MaskableKernel:
+    """A layer whose kernel can be transformed (masked) in the forward pass.
+
+    `kernel_transform` is None or a callable kernel -> kernel; the masking
+    phase sets it to M_w ⊙ w with a binarised, trainable mask, fine-tuning to a
+    constant 0/1 mask (so that pruned weights get zero gradients). The
+    variable itself is never changed by the transform.
+    """
+
+    kernel_transform = None
+
+    def masked_kernel(self):
+        if self.kernel_transform is None:
+            return self.kernel
+        return self.kernel_transform(self.kernel)
+
+    def _record_macs(self, outputs, kernel):
+        # Every maskable layer does prod(output spatial size) x kernel.size
+        # multiply-accumulates: convolutions, depthwise, 1x1 and dense alike.
+        if _MAC_RECORDS is not None:
+            positions = int(np.prod(outputs.shape[1:-1]))
+            nonzero = int(np.count_nonzero(ops.convert_to_numpy(kernel)))
+            _MAC_RECORDS.append((self, positions * int(np.prod(kernel.shape)), positions * nonzero))
+        return outputs
+
+
+def count_macs(model, images) -> tuple[int, int]:
+    """(MACs, non-zero MACs) of the kernel layers for one eager call on `images`.
+
+    Multiply-accumulates of convolutions and dense layers, the convention of
+    DARTS and the paper's "FLOPs"; non-zero MACs count only unmasked weights.
+    Divide by the batch size for a per-image figure.
+    """
+    global _MAC_RECORDS
+    _MAC_RECORDS = []
+    try:
+        model(images, training=False)
+        records = _MAC_RECORDS
+    finally:
+        _MAC_RECORDS = None
+    return sum(r[1] for r in records), sum(r[2] for r in records)
+
+
+class MaskableConv2D(MaskableKernel, keras.layers.Conv2D):
+    """Conv2D (no bias) with a maskable kernel (the stem)."""
+
+    def call(self, inputs):
+        if self.use_bias:
+            raise ValueError("MaskableConv2D supports use_bias=False only.")
+        kernel = self.masked_kernel()
+        return self._record_macs(self.convolution_op(inputs, kernel), kernel)
+
+
+class MaskableDepthwiseConv2D(MaskableKernel, keras.layers.DepthwiseConv2D):
+    """DepthwiseConv2D (no bias) with a maskable kernel."""
+
+    def call(self, inputs):
+        if self.use_bias:
+            raise ValueError("MaskableDepthwiseConv2D supports use_bias=False only.")
+        kernel = self.masked_kernel()
+        outputs = ops.depthwise_conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._record_macs(outputs, kernel)
+
+
+class MaskableDense(MaskableKernel, keras.layers.Dense):
+    """Dense with a maskable kernel (the classifier); the bias is not masked."""
+
+    def call(self, inputs):
+        kernel = self.masked_kernel()
+        outputs = ops.matmul(inputs, kernel)
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        return self._record_macs(outputs, kernel)
+
+
+class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
     """A 1x1 convolution (no bias) computed as one matrix product.
 
     TensorFlow's CPU kernels for the gradients of 1x1 convolutions were the
@@ -69,9 +157,11 @@ class PointwiseConv(keras.layers.Conv2D):
         if self.strides[0] > 1:
             inputs = inputs[:, :: self.strides[0], :: self.strides[1], :]
         shape = tf.shape(inputs)
-        kernel = tf.reshape(self.kernel, [inputs.shape[-1], self.filters])
+        masked = self.masked_kernel()
+        kernel = tf.reshape(masked, [inputs.shape[-1], self.filters])
         outputs = tf.matmul(tf.reshape(inputs, [-1, inputs.shape[-1]]), kernel)
-        return tf.reshape(outputs, tf.concat([shape[:-1], [self.filters]], axis=0))
+        outputs = tf.reshape(outputs, tf.concat([shape[:-1], [self.filters]], axis=0))
+        return self._record_macs(outputs, masked)
 
     def get_config(self):
         config = super().get_config()
@@ -118,12 +208,12 @@ class SepConv(keras.layers.Layer):
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
-        self.depthwise_1 = keras.layers.DepthwiseConv2D(
+        self.depthwise_1 = MaskableDepthwiseConv2D(
             kernel_size, strides=stride, padding="same", use_bias=False, name="depthwise_1"
         )
         self.pointwise_1 = PointwiseConv(channels, name="pointwise_1")
         self.bn_1 = _batch_norm("bn_1")
-        self.depthwise_2 = keras.layers.DepthwiseConv2D(
+        self.depthwise_2 = MaskableDepthwiseConv2D(
             kernel_size, padding="same", use_bias=False, name="depthwise_2"
         )
         self.pointwise_2 = PointwiseConv(channels, name="pointwise_2")
@@ -155,7 +245,7 @@ class DilConv(keras.layers.Layer):
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
-        self.depthwise = keras.layers.DepthwiseConv2D(
+        self.depthwise = MaskableDepthwiseConv2D(
             kernel_size,
             dilation_rate=2 if stride == 1 else 1,
             padding="same",

@@ -20,8 +20,12 @@ from absl import app, flags, logging
 from hmnas_keras.bilevel import SCHEDULES
 from hmnas_keras.config import (
     CONFIG_FILE,
+    DERIVATIONS,
+    FINETUNE_INITS,
     PHASES,
     STRATEGIES,
+    FinetuneConfig,
+    MaskConfig,
     RunConfig,
     SupernetConfig,
     read_config,
@@ -38,6 +42,31 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's outputs (required).")
 flags.DEFINE_list("phases", list(PHASES), f"Phases to run, in order. Known: {', '.join(PHASES)}.")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
+flags.DEFINE_enum(
+    "derivation",
+    "masks",
+    DERIVATIONS,
+    "How the architecture is derived: learned hierarchical masks (HM-NAS), DARTS' heuristic "
+    "(strongest op per edge, top-2 edges per node), or a random DARTS-shaped cell.",
+)
+flags.DEFINE_enum(
+    "finetune_init",
+    "inherited",
+    FINETUNE_INITS,
+    "Fine-tune from the supernet's (masked) weights, or train from scratch.",
+)
+flags.DEFINE_string(
+    "architecture",
+    None,
+    "Train this architecture.json (from another run) from scratch: with "
+    "--phases=finetune --finetune_init=scratch.",
+)
+flags.DEFINE_string(
+    "supernet_checkpoint",
+    None,
+    "A trained supernet from another run (its supernet/checkpoint.npz), for runs without "
+    "the supernet phase.",
+)
 flags.DEFINE_integer("seed", 0, "Seed for data splits, shuffling, initialisation and arch steps.")
 flags.DEFINE_enum(
     "strategy", "default", STRATEGIES, "tf.distribute strategy: one device or mirrored."
@@ -72,6 +101,9 @@ flags.DEFINE_integer("test_subset", None, "Use only N test examples.", lower_bou
 flags.DEFINE_integer("batch_size", 64, "Batch size (global, over all replicas).", lower_bound=1)
 flags.DEFINE_bool("augment", True, "Random crop with padding and horizontal flip.")
 flags.DEFINE_integer("crop_padding", 4, "Padding of the random crop, in pixels.", lower_bound=0)
+flags.DEFINE_integer(
+    "cutout_size", 0, "Cutout square side during fine-tuning, in pixels (0: off).", lower_bound=0
+)
 # Search space.
 flags.DEFINE_integer("num_cells", 3, "Cells in the supernet.", lower_bound=1)
 flags.DEFINE_integer("channels", 16, "Initial channels C.", lower_bound=1)
@@ -85,10 +117,15 @@ flags.DEFINE_integer("supernet_epochs", 100, "Supernet training epochs.", lower_
 flags.DEFINE_integer("warmup_epochs", 10, "Epochs with α, β frozen.", lower_bound=0)
 flags.DEFINE_float("learning_rate", 0.1, "Initial weight learning rate (cosine).", lower_bound=0)
 flags.DEFINE_float("learning_rate_min", 0.001, "Final weight learning rate.", lower_bound=0)
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float(
+    "momentum", 0.9, "SGD momentum (supernet and fine-tuning).", lower_bound=0, upper_bound=1
+)
 flags.DEFINE_float("weight_decay", 3e-4, "L2 weight decay of the network weights.", lower_bound=0)
 flags.DEFINE_float(
-    "grad_clip_norm", 5.0, "Global-norm clip of weight gradients (0: off).", lower_bound=0
+    "grad_clip_norm",
+    5.0,
+    "Global-norm clip of weight gradients, supernet and fine-tuning (0: off).",
+    lower_bound=0,
 )
 flags.DEFINE_float("arch_learning_rate", 3e-4, "Adam learning rate of α, β.", lower_bound=0)
 flags.DEFINE_float("arch_beta_1", 0.5, "Adam β1 of α, β.", lower_bound=0, upper_bound=1)
@@ -104,6 +141,34 @@ flags.DEFINE_float(
 )
 flags.DEFINE_integer(
     "arch_step_decay_epochs", 0, "Epochs over which σ decays (0: all after warm-up).", lower_bound=0
+)
+# Hierarchical masking.
+flags.DEFINE_integer("mask_epochs", 20, "Hierarchical masking epochs.", lower_bound=1)
+flags.DEFINE_float(
+    "mask_weight_learning_rate", 1e-4, "Adam learning rate of the weight masks.", lower_bound=0
+)
+flags.DEFINE_float(
+    "mask_arch_learning_rate", 1e-5, "Adam learning rate of the α and β masks.", lower_bound=0
+)
+flags.DEFINE_integer(
+    "mask_decay_epochs",
+    10,
+    "Mask learning rates are decayed after this many epochs.",
+    lower_bound=0,
+)
+flags.DEFINE_float("mask_decay_factor", 0.1, "Factor of that decay.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("mask_initial_value", 1e-2, "Initial value of every real-valued mask.")
+flags.DEFINE_float("mask_threshold", 5e-3, "Binariser threshold τ: M = 1 where M^r >= τ.")
+# Fine-tuning.
+flags.DEFINE_integer("finetune_epochs", 200, "Fine-tuning epochs.", lower_bound=1)
+flags.DEFINE_float(
+    "finetune_learning_rate", 0.025, "Initial fine-tuning learning rate (cosine).", lower_bound=0
+)
+flags.DEFINE_float(
+    "finetune_learning_rate_min", 0.0, "Final fine-tuning learning rate.", lower_bound=0
+)
+flags.DEFINE_float(
+    "finetune_weight_decay", 3e-4, "L2 weight decay during fine-tuning.", lower_bound=0
 )
 flags.DEFINE_integer(
     "test_every", 1, "Test accuracy every N epochs (0: only at the end).", lower_bound=0
@@ -146,6 +211,7 @@ def config_from_flags() -> RunConfig:
             batch_size=FLAGS.batch_size,
             augment=FLAGS.augment,
             crop_padding=FLAGS.crop_padding,
+            cutout_size=FLAGS.cutout_size,
         ),
         search_space=SearchSpace(
             num_cells=FLAGS.num_cells,
@@ -172,7 +238,32 @@ def config_from_flags() -> RunConfig:
             test_every=FLAGS.test_every,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps,
         ),
+        mask=MaskConfig(
+            epochs=FLAGS.mask_epochs,
+            weight_learning_rate=FLAGS.mask_weight_learning_rate,
+            arch_learning_rate=FLAGS.mask_arch_learning_rate,
+            decay_epochs=FLAGS.mask_decay_epochs,
+            decay_factor=FLAGS.mask_decay_factor,
+            initial_value=FLAGS.mask_initial_value,
+            threshold=FLAGS.mask_threshold,
+            test_every=FLAGS.test_every,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+        ),
+        finetune=FinetuneConfig(
+            epochs=FLAGS.finetune_epochs,
+            learning_rate=FLAGS.finetune_learning_rate,
+            learning_rate_min=FLAGS.finetune_learning_rate_min,
+            momentum=FLAGS.momentum,
+            weight_decay=FLAGS.finetune_weight_decay,
+            grad_clip_norm=FLAGS.grad_clip_norm,
+            test_every=FLAGS.test_every,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+        ),
         phases=tuple(FLAGS.phases),
+        derivation=FLAGS.derivation,
+        finetune_init=FLAGS.finetune_init,
+        architecture=FLAGS.architecture,
+        supernet_checkpoint=FLAGS.supernet_checkpoint,
         seed=FLAGS.seed,
         strategy=FLAGS.strategy,
     )
@@ -243,26 +334,92 @@ def make_strategy(name: str):
 
 
 def run(config: RunConfig, workdir: str) -> dict:
-    """Runs the configured phases in `workdir`; returns a summary per phase."""
+    """Runs the configured phases in `workdir`; returns the report."""
     from hmnas_keras.data import describe, make_search_data
-    from hmnas_keras.supernet_phase import run_supernet_phase
+    from hmnas_keras.report import write_report
 
     started = time.monotonic()
     data = make_search_data(config.data, config.seed)
     print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
     strategy = make_strategy(config.strategy)
     print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s)")
-    summaries = {}
     if "supernet" in config.phases:
-        result = run_supernet_phase(config, data, workdir, strategy)
-        summaries["supernet"] = result.summary
+        from hmnas_keras.supernet_phase import run_supernet_phase
+
+        summary = run_supernet_phase(config, data, workdir, strategy).summary
         print(
-            f"Supernet: test accuracy {result.summary['test_accuracy']:.4f}, "
-            f"{result.summary['weight_parameters']:,} weights, "
-            f"{result.summary['wall_seconds']:.0f} s. "
+            f"Supernet: test accuracy {summary['test_accuracy']:.4f}, "
+            f"{summary['weight_parameters']:,} weights, {summary['wall_seconds']:.0f} s. "
             f"Outputs in {os.path.join(workdir, 'supernet')}"
         )
-    return summaries
+    if "mask" in config.phases:
+        from hmnas_keras.mask_phase import run_mask_phase
+
+        summary = run_mask_phase(config, data, workdir, strategy)
+        alive = summary["alive"]
+        print(
+            f"Masking: masked supernet test accuracy {summary['test_accuracy']:.4f}; kept "
+            f"{alive['ops']}/{alive['ops_total']} ops, {alive['edges']}/{alive['edges_total']} "
+            f"edges, {alive['nodes']}/{alive['nodes_total']} nodes, "
+            f"{alive['weights']:,}/{alive['weights_total']:,} weights; "
+            f"{summary['wall_seconds']:.0f} s. Architecture in "
+            f"{os.path.join(workdir, 'architecture.json')}"
+        )
+    if "finetune" in config.phases:
+        from hmnas_keras.finetune_phase import run_finetune_phase
+
+        prepare_architecture(config, data, workdir)
+        summary = run_finetune_phase(config, data, workdir, strategy)
+        print(
+            f"Fine-tuning: test accuracy {summary['test_accuracy']:.4f}, "
+            f"{summary['parameters']['nonzero']:,} non-zero parameters, "
+            f"{summary['wall_seconds']:.0f} s. Outputs in {os.path.join(workdir, 'finetune')}"
+        )
+    report, text = write_report(config, workdir)
+    print(text)
+    print(f"Report: {os.path.join(workdir, 'report.json')}")
+    return report
+
+
+def prepare_architecture(config: RunConfig, data, workdir: str) -> None:
+    """Makes sure WORKDIR/architecture.json exists before fine-tuning (deriving it if needed)."""
+    from hmnas_keras import architecture as arch_lib
+    from hmnas_keras.derive import (
+        derive_architecture,
+        load_supernet_arrays,
+        supernet_checkpoint_path,
+        write_searched_summary,
+    )
+
+    path = os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)
+    if os.path.exists(path):
+        return
+    if config.architecture:
+        architecture = arch_lib.read_architecture(config.architecture)
+        architecture["weight_masks"] = None  # trained from scratch: dense weights
+        arch_lib.write_architecture(architecture, path)
+        return
+    if config.derivation == "masks":
+        raise UsageError(
+            f"{workdir} has no architecture.json to fine-tune: --derivation=masks derives it in "
+            "the mask phase. Add mask to --phases (after supernet), or use "
+            "--derivation=darts/random."
+        )
+    started = time.monotonic()
+    needs_supernet = config.derivation == "darts" or config.finetune_init == "inherited"
+    arrays = (
+        load_supernet_arrays(supernet_checkpoint_path(config, workdir)) if needs_supernet else None
+    )
+    inherited = config.finetune_init == "inherited"
+    architecture, network = derive_architecture(config, data, workdir, arrays, inherit=inherited)
+    write_searched_summary(
+        workdir, architecture, network, data, inherited, time.monotonic() - started
+    )
+    counts = architecture["counts"]
+    print(
+        f"Derived a {config.derivation} architecture: {counts['ops']} ops, {counts['edges']} "
+        f"edges, {counts['nodes']} nodes. Written to {path}"
+    )
 
 
 def main(argv):
@@ -270,14 +427,15 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory for the run's outputs.")
+    from hmnas_keras.architecture import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
-    from hmnas_keras.supernet_phase import TrainingDiverged
+    from hmnas_keras.phase import TrainingDiverged
 
     try:
         configure_tensorflow(FLAGS.threads, FLAGS.logical_cpus)
         config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
         run(config, FLAGS.workdir)
-    except (UsageError, DataError, CheckpointError, TrainingDiverged) as error:
+    except (UsageError, DataError, CheckpointError, TrainingDiverged, ArchitectureError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
     return 0

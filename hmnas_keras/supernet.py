@@ -16,6 +16,9 @@ from keras import ops
 from hmnas_keras.operations import (
     OP_NAMES,
     FactorizedReduce,
+    MaskableConv2D,
+    MaskableDense,
+    MaskableKernel,
     ReLUConvBN,
     build_op,
     is_parameter_free,
@@ -81,34 +84,51 @@ class SearchSpace:
         return len(self.edges)
 
 
+def edge_index(source: int, target: int) -> int:
+    """Position of edge source -> target in `SearchSpace.edges` order."""
+    return (target - 1) * target // 2 - 1 + source
+
+
 class MixedOp(keras.layers.Layer):
     """Eq. 1: Σ_k w_k · op_k(x) with externally supplied op weights w.
 
-    Operations named in `shared_op_names` are parameter-free: their output
-    depends only on x, so the cell computes them once per source node and
-    passes them in `shared_outputs` instead of every edge recomputing them.
+    `op_weights` has one entry per name in `op_names` (the search space's
+    ops); only the operations in `active` (default: all) are built and
+    computed, which is how a searched network keeps a subset. Operations in
+    `shared_op_names` are parameter-free: their output depends only on x, so
+    the cell computes them once per source node and passes them in
+    `shared_outputs` instead of every edge recomputing them.
     """
 
-    def __init__(self, channels: int, stride: int, op_names=OP_NAMES, shared_op_names=(), **kwargs):
+    def __init__(
+        self,
+        channels: int,
+        stride: int,
+        op_names=OP_NAMES,
+        shared_op_names=(),
+        active=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.channels = channels
         self.stride = stride
         self.op_names = tuple(op_names)
         self.shared_op_names = tuple(shared_op_names)
+        self.active = tuple(self.op_names if active is None else active)
         self.candidates = {
             name: build_op(name, channels, stride)
-            for name in self.op_names
+            for name in self.active
             if name not in self.shared_op_names
         }
 
     def call(self, x, op_weights, shared_outputs=None, training=None):
         output = 0.0
-        for k, name in enumerate(self.op_names):
+        for name in self.active:
             if name in self.candidates:
                 op_output = self.candidates[name](x, training=training)
             else:
                 op_output = shared_outputs[name]
-            output = output + op_weights[k] * op_output
+            output = output + op_weights[self.op_names.index(name)] * op_output
         return output
 
     def get_config(self):
@@ -118,6 +138,7 @@ class MixedOp(keras.layers.Layer):
             stride=self.stride,
             op_names=list(self.op_names),
             shared_op_names=list(self.shared_op_names),
+            active=list(self.active),
         )
         return config
 
@@ -126,9 +147,14 @@ class Cell(keras.layers.Layer):
     """Eq. 2: node i = Σ_j edge_weight(i, j) · MixedOp_{j→i}(node j).
 
     Inputs are the outputs of the two previous cells; the output concatenates
-    the intermediate nodes (num_nodes · channels channels). Parameter-free
-    operations (pooling with its affine-free BN, identity) give the same output
-    on every edge leaving a node, so `source_ops` computes them once per node.
+    the intermediate nodes. Parameter-free operations (pooling with its
+    affine-free BN, identity) give the same output on every edge leaving a
+    node, so `source_ops` computes them once per node.
+
+    `genotype` selects a searched cell: a tuple of (source, target, op names)
+    for the edges that survive. Nodes without a surviving incoming edge are
+    dead and left out of the output; input nodes no edge reads are not
+    computed. None (the default) is the full supernet cell.
     """
 
     def __init__(
@@ -138,6 +164,7 @@ class Cell(keras.layers.Layer):
         reduction: bool,
         reduction_prev: bool,
         op_names=OP_NAMES,
+        genotype=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -146,64 +173,85 @@ class Cell(keras.layers.Layer):
         self.reduction = reduction
         self.reduction_prev = reduction_prev
         self.op_names = tuple(op_names)
-        if reduction_prev:
-            self.preprocess_0 = FactorizedReduce(channels, name="preprocess_0")
-        else:
-            self.preprocess_0 = ReLUConvBN(channels, name="preprocess_0")
-        self.preprocess_1 = ReLUConvBN(channels, name="preprocess_1")
+        if genotype is None:
+            genotype = tuple(
+                (source, target, self.op_names)
+                for target in range(2, num_nodes + 2)
+                for source in range(target)
+            )
+        self.genotype = tuple(
+            sorted(
+                ((int(source), int(target), tuple(names)) for source, target, names in genotype),
+                key=lambda edge: (edge[1], edge[0]),
+            )
+        )
+        for source, target, names in self.genotype:
+            if not (2 <= target < num_nodes + 2 and 0 <= source < target and names):
+                raise ValueError(
+                    f"Received an invalid genotype edge, expected 0 <= source < target <= "
+                    f"{num_nodes + 1} with at least one op. Received: {(source, target, names)}"
+                )
+        self.alive_nodes = tuple(sorted({target for _, target, _ in self.genotype}))
+        used_sources = {source for source, _, _ in self.genotype}
+        if not self.alive_nodes:
+            raise ValueError("Received a genotype without edges: the cell would have no output.")
+        dangling = sorted(s for s in used_sources if s >= 2 and s not in self.alive_nodes)
+        if dangling:
+            raise ValueError(
+                f"Received a genotype with edges leaving dead nodes {dangling}: a node an edge "
+                "reads must have an incoming edge itself."
+            )
+        self.preprocess_0 = None
+        if 0 in used_sources:
+            if reduction_prev:
+                self.preprocess_0 = FactorizedReduce(channels, name="preprocess_0")
+            else:
+                self.preprocess_0 = ReLUConvBN(channels, name="preprocess_0")
+        self.preprocess_1 = ReLUConvBN(channels, name="preprocess_1") if 1 in used_sources else None
         self.source_ops = []
         for source in range(num_nodes + 1):
             stride = self._stride(source)
+            needed = {name for s, _, names in self.genotype if s == source for name in names}
             self.source_ops.append(
                 {
                     name: build_op(name, channels, stride, name=f"node_{source}_{name}")
                     for name in self.op_names
-                    if is_parameter_free(name, stride)
+                    if name in needed and is_parameter_free(name, stride)
                 }
             )
-        self.edge_ops = []
-        for target in range(2, num_nodes + 2):
-            for source in range(target):
-                self.edge_ops.append(
-                    MixedOp(
-                        channels,
-                        self._stride(source),
-                        self.op_names,
-                        shared_op_names=tuple(self.source_ops[source]),
-                        name=f"edge_{source}_{target}",
-                    )
-                )
+        self.edge_ops = [
+            MixedOp(
+                channels,
+                self._stride(source),
+                self.op_names,
+                shared_op_names=tuple(self.source_ops[source]),
+                active=names,
+                name=f"edge_{source}_{target}",
+            )
+            for source, target, names in self.genotype
+        ]
 
     def _stride(self, source: int) -> int:
         return 2 if self.reduction and source < 2 else 1
 
     def call(self, s0, s1, op_weights, edge_weights, training=None):
         """op_weights: [num_edges, num_ops]; edge_weights: [num_edges], in edge order."""
-        nodes = [
-            self.preprocess_0(s0, training=training),
-            self.preprocess_1(s1, training=training),
-        ]
-        shared = []
-        edge = 0
-        for target in range(2, self.num_nodes + 2):
-            # Shared outputs of the node that just became available.
-            while len(shared) < target:
-                source = len(shared)
-                shared.append(
-                    {
-                        name: op(nodes[source], training=training)
-                        for name, op in self.source_ops[source].items()
-                    }
-                )
-            node = 0.0
-            for source in range(target):
-                mixed = self.edge_ops[edge](
-                    nodes[source], op_weights[edge], shared[source], training=training
-                )
-                node = node + edge_weights[edge] * mixed
-                edge += 1
-            nodes.append(node)
-        return ops.concatenate(nodes[2:], axis=-1)
+        nodes = {}
+        if self.preprocess_0 is not None:
+            nodes[0] = self.preprocess_0(s0, training=training)
+        if self.preprocess_1 is not None:
+            nodes[1] = self.preprocess_1(s1, training=training)
+        shared = {}
+        for (source, target, _), mixed_op in zip(self.genotype, self.edge_ops, strict=True):
+            if source not in shared:
+                shared[source] = {
+                    name: op(nodes[source], training=training)
+                    for name, op in self.source_ops[source].items()
+                }
+            index = edge_index(source, target)
+            mixed = mixed_op(nodes[source], op_weights[index], shared[source], training=training)
+            nodes[target] = nodes.get(target, 0.0) + edge_weights[index] * mixed
+        return ops.concatenate([nodes[node] for node in self.alive_nodes], axis=-1)
 
     def get_config(self):
         config = super().get_config()
@@ -213,6 +261,7 @@ class Cell(keras.layers.Layer):
             reduction=self.reduction,
             reduction_prev=self.reduction_prev,
             op_names=list(self.op_names),
+            genotype=[[s, t, list(n)] for s, t, n in self.genotype],
         )
         return config
 
@@ -233,10 +282,16 @@ def uniform_edge_weights(num_nodes: int) -> np.ndarray:
     )
 
 
-class Supernet(keras.Model):
-    """Stem (Conv3x3-BN, 3C), `num_cells` cells, global pooling and a Dense classifier."""
+class CellNetwork(keras.Model):
+    """Stem (Conv3x3-BN, 3C), `num_cells` cells, global pooling and a Dense classifier.
 
-    def __init__(self, search_space: SearchSpace, num_classes: int, **kwargs):
+    The skeleton shared by the supernet and the searched networks: `genotypes`
+    maps a cell type to the genotype of its cells (None: full supernet cells).
+    Subclasses supply `cell_weights()`: per present cell type, the op weights
+    [num_edges, num_ops] and edge weights [num_edges] the cells use.
+    """
+
+    def __init__(self, search_space: SearchSpace, num_classes: int, genotypes=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
@@ -246,7 +301,8 @@ class Supernet(keras.Model):
         self.search_space = search_space
         self.num_classes = num_classes
         space = search_space
-        self.stem_conv = keras.layers.Conv2D(
+        genotypes = genotypes or {}
+        self.stem_conv = MaskableConv2D(
             3 * space.channels, 3, padding="same", use_bias=False, name="stem_conv"
         )
         self.stem_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="stem_bn")
@@ -264,13 +320,42 @@ class Supernet(keras.Model):
                     reduction,
                     reduction_prev,
                     space.op_names,
+                    genotype=genotypes.get(cell_type),
                     name=f"cell_{index}",
                 )
             )
             reduction_prev = reduction
         self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
-        self.classifier = keras.layers.Dense(num_classes, name="classifier")
+        self.classifier = MaskableDense(num_classes, name="classifier")
 
+    def cell_weights(self) -> dict:
+        raise NotImplementedError
+
+    def call(self, images, training=None):
+        weights = self.cell_weights()
+        s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
+        for cell, cell_type in zip(self.cells, self.search_space.cell_types, strict=True):
+            op_weights, edge_weights = weights[cell_type]
+            s0, s1 = s1, cell(s0, s1, op_weights, edge_weights, training=training)
+        return self.classifier(self.global_pool(s1))
+
+    def kernel_layers(self) -> list:
+        """Every layer with a maskable kernel (convolutions and the classifier), in order."""
+        return [layer for layer in self._flatten_layers() if isinstance(layer, MaskableKernel)]
+
+
+class Supernet(CellNetwork):
+    """The multi-level encoded supernet: full cells, α and β as trainable variables.
+
+    `arch_transform`, when set, maps (cell_type, op_weights, edge_weights) to
+    the weights the cells use; the masking phase sets it to apply M_α and M_β.
+    """
+
+    arch_transform = None
+
+    def __init__(self, search_space: SearchSpace, num_classes: int, **kwargs):
+        super().__init__(search_space, num_classes, **kwargs)
+        space = search_space
         arch_init = keras.initializers.RandomNormal(stddev=1e-3)
         self.alphas, self.betas = {}, {}
         for cell_type in space.present_cell_types:
@@ -306,16 +391,14 @@ class Supernet(keras.Model):
             return segment_softmax(self.betas[cell_type], self.search_space.num_nodes)
         return ops.convert_to_tensor(self._uniform_edge_weights)
 
-    def call(self, images, training=None):
-        weights = {
-            cell_type: (self.op_weights(cell_type), self.edge_weights(cell_type))
-            for cell_type in self.search_space.present_cell_types
-        }
-        s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
-        for cell, cell_type in zip(self.cells, self.search_space.cell_types, strict=True):
-            op_weights, edge_weights = weights[cell_type]
-            s0, s1 = s1, cell(s0, s1, op_weights, edge_weights, training=training)
-        return self.classifier(self.global_pool(s1))
+    def cell_weights(self) -> dict:
+        weights = {}
+        for cell_type in self.search_space.present_cell_types:
+            op_weights, edge_weights = self.op_weights(cell_type), self.edge_weights(cell_type)
+            if self.arch_transform is not None:
+                op_weights, edge_weights = self.arch_transform(cell_type, op_weights, edge_weights)
+            weights[cell_type] = (op_weights, edge_weights)
+        return weights
 
     def arch_weights_numpy(self) -> dict:
         """softmax(α) and softmax(β) per cell type as nested lists (for logs and JSON)."""

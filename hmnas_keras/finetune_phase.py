@@ -1,0 +1,189 @@
+"""The fine-tuning phase (paper §3.4): trains the searched network.
+
+The network is built from `WORKDIR/architecture.json`. With
+`--finetune_init=inherited` (HM-NAS) it starts from the masked supernet's
+weights, pruned weights held at exactly zero by constant masks; with
+`--finetune_init=scratch` from fresh initial weights (the paper's
+random-initialisation baseline). α*, β* and the masks stay fixed; SGD with
+cosine decay and cutout (`--cutout_size`).
+
+Artifacts under `WORKDIR/finetune/`: `checkpoint.npz` (network weights, BN
+statistics, optimizer state, metric accumulators, epoch, step), `metrics.csv`,
+`tensorboard/`, `summary.json`.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hmnas_keras import architecture as arch_lib
+from hmnas_keras.config import RunConfig
+from hmnas_keras.data import SearchData
+from hmnas_keras.derive import (
+    load_supernet_arrays,
+    read_weight_masks,
+    supernet_checkpoint_path,
+)
+from hmnas_keras.mask_phase import checkpoint_path as mask_checkpoint_path
+from hmnas_keras.phase import Phase, run_phase
+from hmnas_keras.searched import (
+    FineTune,
+    SearchedNetwork,
+    flop_counts,
+    inherit_weights,
+    parameter_counts,
+    to_searched,
+)
+
+PHASE_DIR = "finetune"
+SUMMARY_FILE = "summary.json"
+CSV_COLUMNS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "seconds",
+)
+
+
+def inherited_arrays(config: RunConfig, workdir: str, architecture: dict) -> dict:
+    """The supernet weights the searched network starts from.
+
+    After masking: the masked supernet (its BN statistics follow the masked
+    network). Otherwise: the trained supernet.
+    """
+    if architecture["derivation"] == "masks":
+        return load_supernet_arrays(mask_checkpoint_path(workdir), "the masked supernet")
+    return load_supernet_arrays(
+        supernet_checkpoint_path(config, workdir), "the trained supernet's weights"
+    )
+
+
+def build_finetune(config: RunConfig, data: SearchData, workdir: str, architecture: dict):
+    """The compiled, built FineTune with its starting weights (call inside a strategy scope)."""
+    train = config.finetune
+    if tuple(architecture["image_shape"]) != data.image_shape:
+        raise arch_lib.ArchitectureError(
+            f"The architecture was searched on {architecture['image_shape']} images; this data "
+            f"has {list(data.image_shape)}. Use the same --image_size."
+        )
+    if architecture["num_classes"] != data.num_classes:
+        raise arch_lib.ArchitectureError(
+            f"The architecture has {architecture['num_classes']} classes; this data has "
+            f"{data.num_classes}."
+        )
+    keras.utils.set_random_seed(config.seed)
+    network = SearchedNetwork(architecture, name="searched").build_network()
+    if config.finetune_init == "inherited":
+        inherit_weights(network, architecture, inherited_arrays(config, workdir, architecture))
+        masks = read_weight_masks(workdir, architecture)
+        if masks is not None:
+            network.apply_weight_masks(to_searched(architecture, masks))
+    finetune = FineTune(
+        network,
+        weight_decay=train.weight_decay,
+        grad_clip_norm=train.grad_clip_norm,
+        name="finetune",
+    )
+    total_steps = train.epochs * data.train_steps_per_epoch
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        train.learning_rate, total_steps, alpha=train.learning_rate_min / train.learning_rate
+    )
+    finetune.compile(
+        keras.optimizers.SGD(learning_rate, momentum=train.momentum, name="finetune_optimizer")
+    )
+    finetune.build_finetune()
+    return finetune
+
+
+def state_variables(finetune: FineTune) -> list:
+    return (
+        list(finetune.network.variables)
+        + list(finetune.optimizer.variables)
+        + list(finetune.metrics_variables)
+    )
+
+
+def run_finetune_phase(
+    config: RunConfig,
+    data: SearchData,
+    workdir: str,
+    strategy: tf.distribute.Strategy | None = None,
+    verbose: int | None = None,
+) -> dict:
+    """Fine-tunes the searched network of WORKDIR/architecture.json (resuming if possible)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    train = config.finetune
+    phase_dir = os.path.join(workdir, PHASE_DIR)
+    architecture = arch_lib.read_architecture(os.path.join(workdir, arch_lib.ARCHITECTURE_FILE))
+    if architecture.get("degenerate"):
+        raise arch_lib.ArchitectureError(
+            f"Nothing to fine-tune: {architecture['degenerate']}. Mask less aggressively "
+            "(lower --mask_weight_learning_rate/--mask_arch_learning_rate, fewer --mask_epochs) "
+            "or use --derivation=darts."
+        )
+    with strategy.scope():
+        finetune = build_finetune(config, data, workdir, architecture)
+    test_data = data.test_dataset()
+
+    def row(epoch, logs):
+        return {
+            "loss": logs.get("loss"),
+            "accuracy": logs.get("accuracy"),
+            "test_loss": logs.get("val_loss"),
+            "test_accuracy": logs.get("val_accuracy"),
+            "learning_rate": float(finetune.optimizer.learning_rate),
+        }
+
+    cutout = data.config.cutout_size > 0
+    phase = Phase(
+        name="finetune",
+        directory=phase_dir,
+        model=finetune,
+        state_variables=state_variables(finetune),
+        epochs=train.epochs,
+        steps_per_epoch=data.train_steps_per_epoch,
+        dataset=lambda epochs, start: data.train_dataset(epochs, start, cutout=cutout),
+        columns=CSV_COLUMNS,
+        row=row,
+        test_data=test_data,
+        test_every=train.test_every,
+        checkpoint_every_steps=train.checkpoint_every_steps,
+        diverged_hint="Lower --finetune_learning_rate",
+    )
+    state = run_phase(phase, verbose)
+    test = finetune.evaluate(test_data, verbose=0, return_dict=True)
+    network = finetune.network
+    summary = {
+        "epochs": train.epochs,
+        "steps": train.epochs * data.train_steps_per_epoch,
+        "init": config.finetune_init,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "parameters": parameter_counts(network.trainable_variables),
+        "flops": flop_counts(network, data.image_shape),
+        "wall_seconds": round(state["elapsed_seconds"], 2),
+    }
+    masks = read_weight_masks(workdir, architecture)
+    if masks is not None and config.finetune_init == "inherited":
+        summary["pruned_weights_zero"] = pruned_weights_are_zero(
+            network, to_searched(architecture, masks)
+        )
+    with open(os.path.join(phase_dir, SUMMARY_FILE), "w") as handle:
+        json.dump(summary, handle, indent=2)
+        handle.write("\n")
+    return summary
+
+
+def pruned_weights_are_zero(network: SearchedNetwork, masks: dict) -> bool:
+    """True if every kernel entry its mask prunes is exactly zero ({relative path: mask})."""
+    for layer in network.kernel_layers():
+        mask = masks.get(layer.kernel.path.split("/", 1)[1])
+        if mask is not None and np.any(keras.ops.convert_to_numpy(layer.kernel)[~mask] != 0):
+            return False
+    return True

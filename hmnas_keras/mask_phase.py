@@ -1,0 +1,203 @@
+"""The hierarchical masking phase (paper §3.3, §4.2): masks train, the supernet is frozen.
+
+Starts from the trained supernet (`WORKDIR/supernet/checkpoint.npz` or
+`--supernet_checkpoint`) and trains the masks on the whole training split.
+Artifacts under `WORKDIR/mask/` (see `hmnas_keras.phase` for the common ones):
+- `checkpoint.npz`: supernet variables (w*, α*, β*, BN statistics), masks,
+  both optimizers' state, metric accumulators, epoch and step;
+- `metrics.csv`: per epoch the masked network's loss and accuracy, and how many
+  ops, edges, nodes and weights are still alive;
+- `weight_masks.npz`: the final binary weight masks;
+- `summary.json`.
+At the end the architecture is derived from the binary masks
+(`WORKDIR/architecture.json`) and the searched network is measured
+(`WORKDIR/searched.json`).
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hmnas_keras import architecture as arch_lib
+from hmnas_keras.config import RunConfig
+from hmnas_keras.data import SearchData
+from hmnas_keras.derive import (
+    build_supernet,
+    derive_architecture,
+    load_supernet_arrays,
+    supernet_checkpoint_path,
+    write_searched_summary,
+)
+from hmnas_keras.masking import MaskedSearch, weight_mask_counts
+from hmnas_keras.phase import CHECKPOINT_FILE, Phase, run_phase
+
+PHASE_DIR = "mask"
+SUMMARY_FILE = "summary.json"
+CSV_COLUMNS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "test_loss",
+    "test_accuracy",
+    "ops",
+    "edges",
+    "nodes",
+    "weights",
+    "weights_total",
+    "weight_mask_learning_rate",
+    "arch_mask_learning_rate",
+    "seconds",
+)
+
+
+def _schedule(learning_rate: float, config, steps_per_epoch: int):
+    boundary = config.decay_epochs * steps_per_epoch
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        [boundary], [learning_rate, learning_rate * config.decay_factor]
+    )
+
+
+def build_masked_search(config: RunConfig, data: SearchData, supernet_arrays: dict):
+    """The compiled, built MaskedSearch on the trained supernet (call inside a strategy scope)."""
+    mask = config.mask
+    keras.utils.set_random_seed(config.seed)
+    supernet = build_supernet(config, data, supernet_arrays)
+    masked = MaskedSearch(
+        supernet, threshold=mask.threshold, initial_value=mask.initial_value, name="masked_search"
+    )
+    steps = data.train_steps_per_epoch
+    masked.compile(
+        weight_mask_optimizer=keras.optimizers.Adam(
+            _schedule(mask.weight_learning_rate, mask, steps), name="weight_mask_optimizer"
+        ),
+        arch_mask_optimizer=keras.optimizers.Adam(
+            _schedule(mask.arch_learning_rate, mask, steps), name="arch_mask_optimizer"
+        ),
+    )
+    masked.build_masks()
+    return masked
+
+
+def state_variables(masked: MaskedSearch) -> list:
+    """Every variable of the masking state, in a fixed order."""
+    return (
+        list(masked.supernet.variables)
+        + masked.weight_mask_variables
+        + masked.arch_mask_variables
+        + masked.optimizer_variables
+        + list(masked.metrics_variables)
+    )
+
+
+def alive_counts(config: RunConfig, binary_masks: dict) -> dict:
+    """How many ops, edges, nodes and weights the binary masks keep."""
+    space = config.search_space
+    cells = {}
+    for cell_type, alpha_mask in binary_masks["alpha"].items():
+        num_edges = len(alpha_mask)
+        cells[cell_type] = arch_lib.derive_cell(
+            space.op_names,
+            space.num_nodes,
+            np.zeros(alpha_mask.shape),
+            np.zeros(num_edges),
+            alpha_mask,
+            binary_masks["beta"].get(cell_type),
+        )
+    counts = arch_lib.summary_counts(
+        {"search_space": {"num_nodes": space.num_nodes}, "cells": cells}
+    )
+    kept, total = weight_mask_counts(binary_masks["weights"])
+    counts.update(weights=kept, weights_total=total)
+    return counts
+
+
+def _row(config: RunConfig, masked: MaskedSearch):
+    def row(epoch, logs):
+        counts = alive_counts(config, masked.binary_masks())
+        return {
+            "loss": logs.get("loss"),
+            "accuracy": logs.get("accuracy"),
+            "test_loss": logs.get("val_loss"),
+            "test_accuracy": logs.get("val_accuracy"),
+            "ops": counts["ops"],
+            "edges": counts["edges"],
+            "nodes": counts["nodes"],
+            "weights": counts["weights"],
+            "weights_total": counts["weights_total"],
+            "weight_mask_learning_rate": float(masked.weight_mask_optimizer.learning_rate),
+            "arch_mask_learning_rate": float(masked.arch_mask_optimizer.learning_rate),
+        }
+
+    return row
+
+
+def run_mask_phase(
+    config: RunConfig,
+    data: SearchData,
+    workdir: str,
+    strategy: tf.distribute.Strategy | None = None,
+    verbose: int | None = None,
+) -> dict:
+    """Trains the masks (resuming if a checkpoint exists), derives and measures the network."""
+    strategy = strategy or tf.distribute.get_strategy()
+    mask = config.mask
+    phase_dir = os.path.join(workdir, PHASE_DIR)
+    arrays = load_supernet_arrays(
+        supernet_checkpoint_path(config, workdir), "a trained supernet to mask"
+    )
+    with strategy.scope():
+        masked = build_masked_search(config, data, arrays)
+    test_data = data.test_dataset()
+    phase = Phase(
+        name="mask",
+        directory=phase_dir,
+        model=masked,
+        state_variables=state_variables(masked),
+        epochs=mask.epochs,
+        steps_per_epoch=data.train_steps_per_epoch,
+        dataset=data.train_dataset,
+        columns=CSV_COLUMNS,
+        row=_row(config, masked),
+        test_data=test_data,
+        test_every=mask.test_every,
+        checkpoint_every_steps=mask.checkpoint_every_steps,
+        diverged_hint="Lower --mask_weight_learning_rate and --mask_arch_learning_rate",
+    )
+    state = run_phase(phase, verbose)
+    test = masked.evaluate(test_data, verbose=0, return_dict=True)
+    binary_masks = masked.binary_masks()
+    counts = alive_counts(config, binary_masks)
+    summary = {
+        "epochs": mask.epochs,
+        "steps": mask.epochs * data.train_steps_per_epoch,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "alive": counts,
+        "wall_seconds": round(state["elapsed_seconds"], 2),
+    }
+    with open(os.path.join(phase_dir, SUMMARY_FILE), "w") as handle:
+        json.dump(summary, handle, indent=2)
+        handle.write("\n")
+
+    # Derive from the masked supernet: w* with the BN statistics of the masked network.
+    started = time.monotonic()
+    masked.detach()
+    supernet_arrays = {
+        v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in masked.supernet.variables
+    }
+    architecture, network = derive_architecture(
+        config, data, workdir, supernet_arrays, binary_masks=binary_masks
+    )
+    write_searched_summary(
+        workdir, architecture, network, data, inherited=True, seconds=time.monotonic() - started
+    )
+    summary["architecture"] = architecture["counts"]
+    return summary
+
+
+def checkpoint_path(workdir: str) -> str:
+    return os.path.join(workdir, PHASE_DIR, CHECKPOINT_FILE)
