@@ -190,3 +190,25 @@ def test_a_mask_step_changes_masks_only():
         for v, b in zip(masked.arch_mask_variables, arch_masks, strict=True)
     ]
     assert max(arch_moved) == pytest.approx(2e-4, rel=0.05)
+
+
+def test_single_level_supernet_has_no_edge_masks_and_derives():
+    from hmnas_keras import architecture as arch_lib
+
+    space = SearchSpace(
+        num_cells=2, channels=4, num_nodes=2, op_names=SPACE.op_names, multi_level=False
+    )
+    keras.utils.set_random_seed(0)
+    supernet = Supernet(space, 3, name="supernet")
+    supernet(_images(), training=False)
+    masked = MaskedSearch(supernet)
+    assert masked.beta_masks == {} and list(masked.alpha_masks) == ["reduce"]
+    _set(masked.alpha_masks["reduce"], edge_index(0, 2), 0.0)
+    binary = masked.binary_masks()
+    op_weights = ops.convert_to_numpy(supernet.op_weights("reduce")) * binary["alpha"]["reduce"]
+    edge_weights = ops.convert_to_numpy(supernet.edge_weights("reduce"))
+    cell = arch_lib.derive_cell(
+        space.op_names, 2, op_weights, edge_weights, binary["alpha"]["reduce"]
+    )
+    assert [(e["source"], e["target"]) for e in cell["edges"]] == [(1, 2), (0, 3), (1, 3), (2, 3)]
+    assert cell["edges"][0]["weight"] == 0.5  # uniform edge weights, 1 / in-degree

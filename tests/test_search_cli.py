@@ -14,6 +14,7 @@ import pytest
 from hmnas_keras.checkpoint import read_state
 
 TINY = [
+    "--phases=supernet",
     "--dataset=digits",
     "--noaugment",
     "--num_cells=2",

@@ -1,0 +1,237 @@
+"""The whole pipeline (supernet -> mask -> finetune) and its baselines, from the command line."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hmnas_keras.checkpoint import read_state
+
+TINY = [
+    "--dataset=digits",
+    "--noaugment",
+    "--num_cells=2",
+    "--channels=4",
+    "--num_nodes=2",
+    "--ops=sep_conv_3x3,max_pool_3x3,skip_connect",
+    "--batch_size=16",
+    "--train_subset=200",
+    "--test_subset=50",
+    "--warmup_epochs=1",
+    "--threads=2",
+    "--supernet_epochs=2",
+    "--mask_epochs=2",
+    "--finetune_epochs=2",
+    # Large mask learning rates, so that 24 mask steps prune something.
+    "--mask_weight_learning_rate=0.01",
+    "--mask_arch_learning_rate=0.004",
+]
+
+
+def search(workdir, *flags, wait=True):
+    command = [sys.executable, "-m", "hmnas_keras.search", f"--workdir={workdir}", *TINY, *flags]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def load(workdir, *path):
+    with open(os.path.join(workdir, *path)) as handle:
+        return json.load(handle)
+
+
+def rows_of(workdir, *path):
+    with open(os.path.join(workdir, *path)) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
+    result = search(workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, result
+
+
+def test_the_whole_pipeline_writes_the_table_3_report(pipeline):
+    workdir, result = pipeline
+    for name in ("config.json", "architecture.json", "searched.json", "report.json", "report.txt"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert read_state(os.path.join(workdir, "mask", "checkpoint.npz"))["finished"]
+    assert read_state(os.path.join(workdir, "finetune", "checkpoint.npz"))["finished"]
+
+    mask_rows = rows_of(workdir, "mask", "metrics.csv")
+    assert [int(r["epoch"]) for r in mask_rows] == [1, 2]
+    last = mask_rows[-1]
+    assert 0 < int(last["weights"]) < int(last["weights_total"])
+    assert 1 <= int(last["ops"]) <= 15 and 1 <= int(last["edges"]) <= 5
+    assert 0.0 <= float(last["test_accuracy"]) <= 1.0
+
+    architecture = load(workdir, "architecture.json")
+    assert architecture["format"] == "hmnas_keras/architecture" and architecture["version"] == 1
+    assert architecture["derivation"] == "masks" and architecture["degenerate"] is None
+    assert architecture["weight_masks"] == "mask/weight_masks.npz"
+    with np.load(os.path.join(workdir, "mask", "weight_masks.npz")) as masks:
+        kept = sum(int(masks[k].sum()) for k in masks.files)
+    assert kept == int(last["weights"])
+    parameters = architecture["parameters"]
+    assert parameters["searched"]["nonzero"] < parameters["supernet"]["dense"]
+    assert architecture["flops"]["searched"]["macs"] <= architecture["flops"]["supernet"]["macs"]
+    assert {layer["path"] for layer in architecture["layers"]} >= {
+        "stem_conv/kernel",
+        "classifier/kernel",
+    }
+
+    finetune = load(workdir, "finetune", "summary.json")
+    assert finetune["pruned_weights_zero"] is True and finetune["init"] == "inherited"
+    assert finetune["parameters"] == parameters["searched"]
+
+    report = load(workdir, "report.json")
+    assert list(report["rows"]) == ["supernet", "searched", "finetuned"]
+    for row in report["rows"].values():
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["parameters"]["dense"] > 0 and row["wall_seconds"] > 0
+    searched = report["rows"]["searched"]
+    assert searched["reduction_percent"] == pytest.approx(
+        100 * (1 - parameters["searched"]["nonzero"] / parameters["supernet"]["dense"]), abs=0.01
+    )
+    assert "searched network" in result.stdout and "fine-tuned" in result.stdout
+
+
+def test_darts_baseline_fine_tunes_from_the_same_supernet(pipeline, tmp_path):
+    source, _ = pipeline
+    workdir = str(tmp_path / "darts")
+    supernet = os.path.join(source, "supernet", "checkpoint.npz")
+    result = search(
+        workdir,
+        "--phases=finetune",
+        "--derivation=darts",
+        f"--supernet_checkpoint={supernet}",
+        "--finetune_epochs=1",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    architecture = load(workdir, "architecture.json")
+    assert architecture["derivation"] == "darts" and architecture["weight_masks"] is None
+    for cell in architecture["cells"].values():
+        assert cell["incoming_edges"] == {"2": 2, "3": 2}
+        assert all(len(edge["ops"]) == 1 for edge in cell["edges"])
+    report = load(workdir, "report.json")
+    assert report["rows"]["supernet"]["from"] == os.path.dirname(supernet)
+    assert report["rows"]["searched"]["test_accuracy"] is not None
+    assert report["rows"]["finetuned"]["parameters"]["dense"] > 0
+
+
+def test_the_hmnas_architecture_retrained_from_scratch(pipeline, tmp_path):
+    source, _ = pipeline
+    workdir = str(tmp_path / "scratch")
+    result = search(
+        workdir,
+        "--phases=finetune",
+        f"--architecture={os.path.join(source, 'architecture.json')}",
+        "--finetune_init=scratch",
+        "--finetune_epochs=1",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    original = load(source, "architecture.json")
+    copied = load(workdir, "architecture.json")
+    assert copied["cells"] == original["cells"] and copied["weight_masks"] is None
+    report = load(workdir, "report.json")
+    assert report["finetune_init"] == "scratch"
+    assert list(report["rows"]) == ["supernet", "finetuned"]  # no searched row without weights
+    finetune = load(workdir, "finetune", "summary.json")
+    assert "pruned_weights_zero" not in finetune
+
+
+def test_a_random_architecture_from_scratch_needs_no_supernet(tmp_path):
+    workdir = str(tmp_path / "random")
+    result = search(
+        workdir,
+        "--phases=finetune",
+        "--derivation=random",
+        "--finetune_init=scratch",
+        "--finetune_epochs=1",
+        "--seed=5",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    architecture = load(workdir, "architecture.json")
+    assert architecture["derivation"] == "random"
+    for cell in architecture["cells"].values():
+        assert cell["incoming_edges"] == {"2": 2, "3": 2}
+    assert load(workdir, "report.json")["rows"]["finetuned"]["test_accuracy"] is not None
+
+
+def test_degenerate_masks_are_reported_not_crashed_into(pipeline, tmp_path):
+    source, _ = pipeline
+    workdir = str(tmp_path / "degenerate")
+    result = search(
+        workdir,
+        "--phases=mask,finetune",
+        f"--supernet_checkpoint={os.path.join(source, 'supernet', 'checkpoint.npz')}",
+        "--mask_epochs=1",
+        "--mask_initial_value=0.001",  # below τ: every mask starts (and stays) at 0
+        "--mask_weight_learning_rate=1e-6",
+        "--mask_arch_learning_rate=1e-6",
+    )
+    assert result.returncode == 1
+    assert "Nothing to fine-tune: every node of the reduce cell was pruned" in result.stderr
+    assert "Traceback" not in result.stderr
+    architecture = load(workdir, "architecture.json")
+    assert "output no longer depends on its input" in architecture["degenerate"]
+
+
+def test_killed_mask_phase_resumes_with_a_continuous_history(pipeline, tmp_path):
+    source, _ = pipeline
+    workdir = str(tmp_path / "run")
+    flags = [
+        "--phases=mask",
+        f"--supernet_checkpoint={os.path.join(source, 'supernet', 'checkpoint.npz')}",
+        "--mask_epochs=3",
+        "--checkpoint_every_steps=3",
+    ]
+    process = search(workdir, *flags, wait=False)
+    checkpoint = os.path.join(workdir, "mask", "checkpoint.npz")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if read_state(checkpoint)["global_step"] >= 15:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read().decode()[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = read_state(checkpoint)
+    assert 15 <= state["global_step"] < 36 and not state["finished"]
+
+    resumed = search(workdir, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming the mask phase at epoch {state['epoch'] + 1}" in resumed.stdout
+    assert [int(r["epoch"]) for r in rows_of(workdir, "mask", "metrics.csv")] == [1, 2, 3]
+    final = read_state(checkpoint)
+    assert final["finished"] and final["global_step"] == 36
+    assert load(workdir, "mask", "summary.json")["steps"] == 36
+    assert os.path.exists(os.path.join(workdir, "architecture.json"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--phases=finetune"], "has no architecture.json to fine-tune"),
+        (["--derivation=darts"], "leave it out of --phases"),
+        (["--phases=finetune", "--architecture=a.json"], "Add --finetune_init=scratch"),
+        (["--phases=mask"], "there is no checkpoint at"),
+    ],
+)
+def test_pipeline_mistakes_get_a_message_not_a_traceback(tmp_path, flags, message):
+    result = search(str(tmp_path / "run"), *flags)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
