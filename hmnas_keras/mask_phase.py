@@ -118,6 +118,13 @@ def alive_counts(config: RunConfig, binary_masks: dict) -> dict:
 def _row(config: RunConfig, masked: MaskedSearch):
     def row(epoch, logs):
         counts = alive_counts(config, masked.binary_masks())
+        print(
+            f"Masks after epoch {epoch + 1}: {counts['ops']}/{counts['ops_total']} ops, "
+            f"{counts['edges']}/{counts['edges_total']} edges, "
+            f"{counts['nodes']}/{counts['nodes_total']} nodes, "
+            f"{counts['weights']:,}/{counts['weights_total']:,} weights alive",
+            flush=True,
+        )
         return {
             "loss": logs.get("loss"),
             "accuracy": logs.get("accuracy"),
