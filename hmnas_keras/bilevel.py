@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras import ops
 
 from hmnas_keras.supernet import Supernet
+from hmnas_keras.trainer import cross_entropy
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
 
@@ -119,10 +120,6 @@ def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_
     optimizer.apply(grads, variables)
 
 
-def _cross_entropy(labels, logits):
-    return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
-
-
 class BilevelSearch(keras.Model):
     """Trains a `Supernet`'s weights and architecture parameters in a bilevel way.
 
@@ -217,7 +214,7 @@ class BilevelSearch(keras.Model):
                 images,
                 training=True,
             )
-        return _cross_entropy(labels, logits), logits
+        return cross_entropy(labels, logits), logits
 
     def _substituted(self, weight_values, arch_values):
         """Trainable-variable values in `supernet.trainable_variables` order."""
@@ -329,7 +326,7 @@ class BilevelSearch(keras.Model):
     def test_step(self, data):
         images, labels = data
         logits = self.supernet(images, training=False)
-        self.weight_loss.update_state(_cross_entropy(labels, logits))
+        self.weight_loss.update_state(cross_entropy(labels, logits))
         self.weight_accuracy.update_state(labels, logits)
         return {"loss": self.weight_loss.result(), "accuracy": self.weight_accuracy.result()}
 

@@ -23,6 +23,7 @@ import tensorflow as tf
 from keras import ops
 
 from hmnas_keras.supernet import Supernet
+from hmnas_keras.trainer import NetworkTrainer, cross_entropy
 
 
 @tf.custom_gradient
@@ -48,11 +49,7 @@ def _variable_name(path: str) -> str:
     return "mask." + path.split("/", 1)[-1].replace("/", ".")
 
 
-def _cross_entropy(labels, logits):
-    return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
-
-
-class MaskedSearch(keras.Model):
+class MaskedSearch(NetworkTrainer):
     """Trains hierarchical masks on a frozen, built `Supernet` with Keras `fit()`.
 
     Args:
@@ -69,10 +66,9 @@ class MaskedSearch(keras.Model):
         initial_value: float = 1e-2,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if not supernet.built:
             raise ValueError("MaskedSearch needs a built supernet (call it on a batch first).")
-        self.supernet = supernet
+        super().__init__(supernet, **kwargs)
         self.threshold = threshold
         self.initial_value = initial_value
         init = keras.initializers.Constant(initial_value)
@@ -92,8 +88,6 @@ class MaskedSearch(keras.Model):
             self.beta_masks[cell_type] = self.add_weight(
                 shape=tuple(beta.shape), initializer=init, name=f"mask_beta_{cell_type}"
             )
-        self.loss_metric = keras.metrics.Mean(name="loss")
-        self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.attach()
 
     # ---------------------------------------------------------------- masks
@@ -146,11 +140,8 @@ class MaskedSearch(keras.Model):
     # ------------------------------------------------------------- training
 
     @property
-    def metrics(self):
-        return [self.loss_metric, self.accuracy_metric]
-
-    def call(self, images, training=None):
-        return self.supernet(images, training=training)
+    def supernet(self) -> Supernet:
+        return self.network
 
     def compile(self, weight_mask_optimizer, arch_mask_optimizer, jit_compile=False, **kwargs):
         """Takes one optimizer for the weight masks and one for the α/β masks."""
@@ -173,7 +164,7 @@ class MaskedSearch(keras.Model):
         weight_masks, arch_masks = self.weight_mask_variables, self.arch_mask_variables
         with tf.GradientTape() as tape:
             logits = self.supernet(images, training=True)
-            loss = _cross_entropy(labels, logits)
+            loss = cross_entropy(labels, logits)
         grads = tape.gradient(loss, weight_masks + arch_masks)
         # The optimizers sum what each replica passes: hand them 1/replicas of it.
         scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
@@ -184,16 +175,7 @@ class MaskedSearch(keras.Model):
         self.weight_mask_optimizer.apply(grads[: len(weight_masks)], weight_masks)
         if arch_masks:
             self.arch_mask_optimizer.apply(grads[len(weight_masks) :], arch_masks)
-        self.loss_metric.update_state(loss)
-        self.accuracy_metric.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        images, labels = data
-        logits = self.supernet(images, training=False)
-        self.loss_metric.update_state(_cross_entropy(labels, logits))
-        self.accuracy_metric.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
+        return self.update_metrics(loss, labels, logits)
 
 
 def weight_mask_counts(binary_weight_masks: dict) -> tuple[int, int]:

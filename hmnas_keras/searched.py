@@ -12,7 +12,6 @@ exactly zero through fine-tuning.
 clip, as the supernet's weights are trained).
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
@@ -21,6 +20,7 @@ from hmnas_keras.architecture import ArchitectureError, genotypes, weight_matric
 from hmnas_keras.bilevel import apply_weight_gradients
 from hmnas_keras.operations import count_macs
 from hmnas_keras.supernet import CellNetwork, SearchSpace
+from hmnas_keras.trainer import NetworkTrainer, cross_entropy
 
 
 def search_space_of(architecture: dict) -> SearchSpace:
@@ -174,27 +174,13 @@ def layer_sparsity(network: SearchedNetwork) -> list:
     return rows
 
 
-def _cross_entropy(labels, logits):
-    return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
-
-
-class FineTune(keras.Model):
+class FineTune(NetworkTrainer):
     """Trains a `SearchedNetwork`'s weights with `fit()` (α*, β*, masks stay fixed)."""
 
     def __init__(self, network, weight_decay=3e-4, grad_clip_norm=5.0, **kwargs):
-        super().__init__(**kwargs)
-        self.network = network
+        super().__init__(network, **kwargs)
         self.weight_decay = weight_decay
         self.grad_clip_norm = grad_clip_norm
-        self.loss_metric = keras.metrics.Mean(name="loss")
-        self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-
-    @property
-    def metrics(self):
-        return [self.loss_metric, self.accuracy_metric]
-
-    def call(self, images, training=None):
-        return self.network(images, training=training)
 
     def compile(self, optimizer, jit_compile=False, **kwargs):
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
@@ -209,7 +195,7 @@ class FineTune(keras.Model):
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.network(images, training=True)
-            loss = _cross_entropy(labels, logits)
+            loss = cross_entropy(labels, logits)
         apply_weight_gradients(
             self.optimizer,
             tape.gradient(loss, variables),
@@ -217,13 +203,4 @@ class FineTune(keras.Model):
             self.weight_decay,
             self.grad_clip_norm,
         )
-        self.loss_metric.update_state(loss)
-        self.accuracy_metric.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        images, labels = data
-        logits = self.network(images, training=False)
-        self.loss_metric.update_state(_cross_entropy(labels, logits))
-        self.accuracy_metric.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
+        return self.update_metrics(loss, labels, logits)
