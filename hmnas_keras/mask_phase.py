@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from hmnas_keras import architecture as arch_lib
+from hmnas_keras.checkpoint import read_state
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.derive import (
@@ -153,6 +154,13 @@ def run_mask_phase(
     strategy = strategy or tf.distribute.get_strategy()
     mask = config.mask
     phase_dir = os.path.join(workdir, PHASE_DIR)
+    summary_path = os.path.join(phase_dir, SUMMARY_FILE)
+    done = [summary_path, os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)]
+    if os.path.exists(checkpoint_path(workdir)) and all(os.path.exists(p) for p in done):
+        if read_state(checkpoint_path(workdir))["finished"]:
+            print(f"The mask phase already finished its {mask.epochs} epochs and was derived.")
+            with open(summary_path) as handle:
+                return json.load(handle)
     arrays = load_supernet_arrays(
         supernet_checkpoint_path(config, workdir), "a trained supernet to mask"
     )
@@ -186,9 +194,6 @@ def run_mask_phase(
         "alive": counts,
         "wall_seconds": round(state["elapsed_seconds"], 2),
     }
-    with open(os.path.join(phase_dir, SUMMARY_FILE), "w") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
 
     # Derive from the masked supernet: w* with the BN statistics of the masked network.
     started = time.monotonic()
@@ -203,6 +208,10 @@ def run_mask_phase(
         workdir, architecture, network, data, inherited=True, seconds=time.monotonic() - started
     )
     summary["architecture"] = architecture["counts"]
+    # Written last: its presence says that the phase and the derivation are complete.
+    with open(summary_path, "w") as handle:
+        json.dump(summary, handle, indent=2)
+        handle.write("\n")
     return summary
 
 

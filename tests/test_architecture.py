@@ -25,6 +25,7 @@ from hmnas_keras.supernet import SearchSpace, Supernet, edge_index
 OPS = ("sep_conv_3x3", "max_pool_3x3", "skip_connect")
 SPACE = SearchSpace(num_cells=3, channels=4, num_nodes=3, op_names=OPS)
 EDGES = SPACE.edges  # (0,2) (1,2) (0,3) (1,3) (2,3) (0,4) (1,4) (2,4) (3,4)
+SMALL = SearchSpace(num_cells=2, channels=4, num_nodes=2, op_names=OPS)  # faster to trace
 
 
 def _hand_masks():
@@ -145,9 +146,9 @@ def test_random_architecture_is_darts_shaped_and_seeded():
     assert (alpha.sum(axis=1) == beta).all()
 
 
-def _masked_supernet(seed=0, prune=0.3):
+def _masked_supernet(seed=0, prune=0.3, space=SPACE):
     keras.utils.set_random_seed(seed)
-    supernet = Supernet(SPACE, 3, name="supernet")
+    supernet = Supernet(space, 3, name="supernet")
     x = np.random.default_rng(seed).normal(size=(4, 8, 8, 3)).astype("float32")
     supernet(x, training=True)  # moving statistics move away from their initial values
     rng = np.random.default_rng(seed)
@@ -160,15 +161,18 @@ def _masked_supernet(seed=0, prune=0.3):
 
 
 def _searched_from(supernet, masked, alpha, beta):
+    space = supernet.search_space
     binary = masked.binary_masks()
     cells = {}
-    for cell_type in SPACE.present_cell_types:
+    for cell_type in space.present_cell_types:
         masked.alpha_masks[cell_type].assign(np.where(alpha, 1e-2, 0.0).astype("float32"))
         masked.beta_masks[cell_type].assign(np.where(beta, 1e-2, 0.0).astype("float32"))
         op_w = ops.convert_to_numpy(supernet.op_weights(cell_type)) * alpha
         edge_w = ops.convert_to_numpy(supernet.edge_weights(cell_type)) * beta
-        cells[cell_type] = arch_lib.derive_cell(OPS, 3, op_w, edge_w, alpha, beta, digits=12)
-    architecture = arch_lib.new_architecture("masks", SPACE, 3, (8, 8, 3), list("abc"), cells)
+        cells[cell_type] = arch_lib.derive_cell(
+            OPS, space.num_nodes, op_w, edge_w, alpha, beta, digits=12
+        )
+    architecture = arch_lib.new_architecture("masks", space, 3, (8, 8, 3), list("abc"), cells)
     network = SearchedNetwork(architecture, name="searched").build_network()
     inherit_weights(
         network,
@@ -201,10 +205,10 @@ def test_searched_network_equals_the_masked_supernet_with_a_dead_node():
 
 
 def test_searched_network_with_several_ops_per_edge_equals_it_in_inference():
-    supernet, masked, x = _masked_supernet(seed=1)
-    alpha = np.ones((9, 3), dtype=bool)
-    alpha[edge_index(2, 4), 1] = False
-    beta = np.ones(9, dtype=bool)
+    supernet, masked, x = _masked_supernet(seed=1, space=SMALL)
+    alpha = np.ones((5, 3), dtype=bool)
+    alpha[edge_index(2, 3), 1] = False
+    beta = np.ones(5, dtype=bool)
     beta[edge_index(0, 3)] = False
     _, network, _ = _searched_from(supernet, masked, alpha, beta)
     np.testing.assert_allclose(
@@ -216,8 +220,8 @@ def test_searched_network_with_several_ops_per_edge_equals_it_in_inference():
 
 
 def test_pruned_weights_stay_exactly_zero_through_fine_tuning():
-    supernet, masked, x = _masked_supernet(seed=2, prune=0.5)
-    alpha, beta = np.ones((9, 3), dtype=bool), np.ones(9, dtype=bool)
+    supernet, masked, x = _masked_supernet(seed=2, prune=0.5, space=SMALL)
+    alpha, beta = np.ones((5, 3), dtype=bool), np.ones(5, dtype=bool)
     _, network, masks = _searched_from(supernet, masked, alpha, beta)
     assert pruned_weights_are_zero(network, masks)
     before = {v.path: ops.convert_to_numpy(v) for v in network.trainable_variables}

@@ -235,3 +235,15 @@ def test_pipeline_mistakes_get_a_message_not_a_traceback(tmp_path, flags, messag
     assert result.returncode == 1
     assert message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_resuming_a_finished_run_repeats_no_phase(pipeline):
+    workdir, _ = pipeline
+    before = load(workdir, "report.json")
+    result = search(workdir, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "The supernet phase already finished its 2 epochs." in result.stdout
+    assert "The mask phase already finished its 2 epochs and was derived." in result.stdout
+    assert "The finetune phase already finished its 2 epochs." in result.stdout
+    after = load(workdir, "report.json")
+    assert after["rows"] == before["rows"]
