@@ -5,6 +5,10 @@
         --dataset=folder --data_dir=$HOME/.cache/hmnas/cifar10
     python -m hmnas_keras.search --workdir=runs/quickstart --resume
 
+Phases (--phases, default all): supernet -> mask -> finetune; the run ends with
+WORKDIR/report.json. --derivation, --finetune_init, --architecture and
+--supernet_checkpoint select the paper's baselines (see README.md).
+
 The resolved configuration is written to WORKDIR/config.json. A workdir that
 already holds files is refused unless --resume is given; --resume continues a
 killed run from its last checkpoint with the configuration saved in the workdir.
