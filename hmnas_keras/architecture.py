@@ -43,9 +43,10 @@ Nodes 0 and 1 are the cell inputs; 2 .. num_nodes + 1 the intermediate nodes.
 """
 
 import json
-import os
 
 import numpy as np
+
+from hmnas_keras.checkpoint import write_json
 
 FORMAT = "hmnas_keras/architecture"
 VERSION = 1
@@ -251,11 +252,7 @@ def summary_counts(architecture: dict) -> dict:
 
 
 def write_architecture(architecture: dict, path: str) -> None:
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w") as handle:
-        json.dump(architecture, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp_path, path)
+    write_json(path, architecture)
 
 
 def read_architecture(path: str) -> dict:

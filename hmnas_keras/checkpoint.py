@@ -78,3 +78,12 @@ def read_arrays(path: str, prefix: str = "") -> dict:
     with np.load(path) as archive:
         paths = json.loads(str(archive["__paths__"]))
         return {p: archive[f"v{i:05d}"] for i, p in enumerate(paths) if p.startswith(prefix)}
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON to `path` atomically (a kill leaves old or new)."""
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    with open(tmp_path, "w") as handle:
+        json.dump(value, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp_path, path)

@@ -5,6 +5,7 @@ import json
 import os
 
 from hmnas_keras.bilevel import SCHEDULES
+from hmnas_keras.checkpoint import write_json
 from hmnas_keras.data import DataConfig
 from hmnas_keras.supernet import SearchSpace
 
@@ -172,9 +173,7 @@ class RunConfig:
 
 def write_config(config: RunConfig, workdir: str) -> str:
     path = os.path.join(workdir, CONFIG_FILE)
-    with open(path, "w") as handle:
-        json.dump(config.to_dict(), handle, indent=2)
-        handle.write("\n")
+    write_json(path, config.to_dict())
     return path
 
 

@@ -6,7 +6,6 @@ into `WORKDIR/architecture.json` with parameter and FLOP counts, and
 it inherits, before fine-tuning (paper Table 3, "searched network").
 """
 
-import json
 import os
 import time
 
@@ -15,7 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from hmnas_keras import architecture as arch_lib
-from hmnas_keras.checkpoint import CheckpointError, read_arrays
+from hmnas_keras.checkpoint import CheckpointError, read_arrays, write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.searched import (
@@ -92,20 +91,19 @@ def derive_architecture(
     config: RunConfig,
     data: SearchData,
     workdir: str,
-    supernet_arrays: dict | None,
+    supernet: Supernet,
     binary_masks: dict | None = None,
     inherit: bool = True,
 ) -> tuple[dict, SearchedNetwork | None]:
     """Derives, counts and writes WORKDIR/architecture.json; returns it and the built network.
 
-    `supernet_arrays` are the supernet's weights (None: a fresh supernet, for a
-    random architecture trained from scratch); `binary_masks` the masks of
-    `MaskedSearch.binary_masks()` for the "masks" derivation. With `inherit`,
-    the network carries the supernet's (masked) weights; otherwise it keeps
-    fresh initial weights and no weight masks.
+    `supernet` is the built supernet the architecture comes from (trained, or
+    fresh for a random architecture trained from scratch), without mask hooks;
+    `binary_masks` the masks of `MaskedSearch.binary_masks()` for the "masks"
+    derivation. With `inherit`, the network carries the supernet's (masked)
+    weights; otherwise it keeps fresh initial weights and no weight masks.
     """
     space = config.search_space
-    supernet = build_supernet(config, data, supernet_arrays)
     rng = np.random.default_rng([config.seed, 11])
     weight_masks = None
     cells = {}
@@ -148,7 +146,7 @@ def derive_architecture(
     network = None
     if architecture["degenerate"] is None:
         network = SearchedNetwork(architecture, name="searched").build_network()
-        if inherit and supernet_arrays is not None:
+        if inherit:
             arrays = {relative_path(v.path): ops.convert_to_numpy(v) for v in supernet.variables}
             inherit_weights(network, architecture, arrays)
         if inherit and weight_masks is not None:
@@ -195,7 +193,5 @@ def write_searched_summary(
     if network is not None and inherited:
         summary.update(evaluate_network(network, data.test_dataset()))
         summary["evaluate_seconds"] = round(time.monotonic() - started, 2)
-    with open(os.path.join(workdir, SEARCHED_FILE), "w") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
+    write_json(os.path.join(workdir, SEARCHED_FILE), summary)
     return summary

@@ -12,7 +12,6 @@ statistics, optimizer state, metric accumulators, epoch, step), `metrics.csv`,
 `tensorboard/`, `summary.json`.
 """
 
-import json
 import os
 
 import keras
@@ -20,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from hmnas_keras import architecture as arch_lib
+from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.derive import (
@@ -35,6 +35,7 @@ from hmnas_keras.searched import (
     flop_counts,
     inherit_weights,
     parameter_counts,
+    relative_path,
     to_searched,
 )
 
@@ -174,16 +175,14 @@ def run_finetune_phase(
         summary["pruned_weights_zero"] = pruned_weights_are_zero(
             network, to_searched(architecture, masks)
         )
-    with open(os.path.join(phase_dir, SUMMARY_FILE), "w") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
+    write_json(os.path.join(phase_dir, SUMMARY_FILE), summary)
     return summary
 
 
 def pruned_weights_are_zero(network: SearchedNetwork, masks: dict) -> bool:
     """True if every kernel entry its mask prunes is exactly zero ({relative path: mask})."""
     for layer in network.kernel_layers():
-        mask = masks.get(layer.kernel.path.split("/", 1)[1])
+        mask = masks.get(relative_path(layer.kernel.path))
         if mask is not None and np.any(keras.ops.convert_to_numpy(layer.kernel)[~mask] != 0):
             return False
     return True

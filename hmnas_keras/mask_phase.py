@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from hmnas_keras import architecture as arch_lib
-from hmnas_keras.checkpoint import read_state
+from hmnas_keras.checkpoint import read_state, write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.derive import (
@@ -198,20 +198,15 @@ def run_mask_phase(
     # Derive from the masked supernet: w* with the BN statistics of the masked network.
     started = time.monotonic()
     masked.detach()
-    supernet_arrays = {
-        v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in masked.supernet.variables
-    }
     architecture, network = derive_architecture(
-        config, data, workdir, supernet_arrays, binary_masks=binary_masks
+        config, data, workdir, masked.supernet, binary_masks=binary_masks
     )
     write_searched_summary(
         workdir, architecture, network, data, inherited=True, seconds=time.monotonic() - started
     )
     summary["architecture"] = architecture["counts"]
     # Written last: its presence says that the phase and the derivation are complete.
-    with open(summary_path, "w") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
+    write_json(summary_path, summary)
     return summary
 
 

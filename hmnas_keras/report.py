@@ -11,6 +11,7 @@ import json
 import os
 
 from hmnas_keras.architecture import ARCHITECTURE_FILE
+from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.derive import SEARCHED_FILE, supernet_checkpoint_path
 
@@ -145,9 +146,7 @@ def format_report(report: dict) -> str:
 def write_report(config: RunConfig, workdir: str) -> tuple[dict, str]:
     report = build_report(config, workdir)
     text = format_report(report)
-    with open(os.path.join(workdir, REPORT_FILE), "w") as handle:
-        json.dump(report, handle, indent=2)
-        handle.write("\n")
+    write_json(os.path.join(workdir, REPORT_FILE), report)
     with open(os.path.join(workdir, REPORT_TEXT_FILE), "w") as handle:
         handle.write(text + "\n")
     return report, text

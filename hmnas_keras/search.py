@@ -389,6 +389,7 @@ def prepare_architecture(config: RunConfig, data, workdir: str) -> None:
     """Makes sure WORKDIR/architecture.json exists before fine-tuning (deriving it if needed)."""
     from hmnas_keras import architecture as arch_lib
     from hmnas_keras.derive import (
+        build_supernet,
         derive_architecture,
         load_supernet_arrays,
         supernet_checkpoint_path,
@@ -415,7 +416,8 @@ def prepare_architecture(config: RunConfig, data, workdir: str) -> None:
         load_supernet_arrays(supernet_checkpoint_path(config, workdir)) if needs_supernet else None
     )
     inherited = config.finetune_init == "inherited"
-    architecture, network = derive_architecture(config, data, workdir, arrays, inherit=inherited)
+    supernet = build_supernet(config, data, arrays)
+    architecture, network = derive_architecture(config, data, workdir, supernet, inherit=inherited)
     write_searched_summary(
         workdir, architecture, network, data, inherited, time.monotonic() - started
     )

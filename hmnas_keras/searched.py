@@ -46,16 +46,10 @@ class SearchedNetwork(CellNetwork):
             search_space_of(architecture),
             int(architecture["num_classes"]),
             genotypes=genotypes(architecture),
+            fixed_weights=weight_matrices(architecture),
             **kwargs,
         )
-        self._weight_matrices = weight_matrices(architecture)
         self.image_shape = tuple(architecture["image_shape"])
-
-    def cell_weights(self) -> dict:
-        return {
-            cell_type: (ops.convert_to_tensor(op_w), ops.convert_to_tensor(edge_w))
-            for cell_type, (op_w, edge_w) in self._weight_matrices.items()
-        }
 
     def build_network(self):
         self(ops.zeros((1, *self.image_shape)), training=False)

@@ -286,12 +286,20 @@ class CellNetwork(keras.Model):
     """Stem (Conv3x3-BN, 3C), `num_cells` cells, global pooling and a Dense classifier.
 
     The skeleton shared by the supernet and the searched networks: `genotypes`
-    maps a cell type to the genotype of its cells (None: full supernet cells).
-    Subclasses supply `cell_weights()`: per present cell type, the op weights
-    [num_edges, num_ops] and edge weights [num_edges] the cells use.
+    maps a cell type to the genotype of its cells (None: full supernet cells);
+    `fixed_weights` maps a cell type to the constant op weights [num_edges,
+    num_ops] and edge weights [num_edges] its cells use. `Supernet` computes
+    them from α and β instead (it overrides `cell_weights()`).
     """
 
-    def __init__(self, search_space: SearchSpace, num_classes: int, genotypes=None, **kwargs):
+    def __init__(
+        self,
+        search_space: SearchSpace,
+        num_classes: int,
+        genotypes=None,
+        fixed_weights=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
@@ -327,9 +335,14 @@ class CellNetwork(keras.Model):
             reduction_prev = reduction
         self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
         self.classifier = MaskableDense(num_classes, name="classifier")
+        self._fixed_weights = fixed_weights or {}
 
     def cell_weights(self) -> dict:
-        raise NotImplementedError
+        """Per present cell type, (op weights, edge weights) for its cells."""
+        return {
+            cell_type: (ops.convert_to_tensor(op_w), ops.convert_to_tensor(edge_w))
+            for cell_type, (op_w, edge_w) in self._fixed_weights.items()
+        }
 
     def call(self, images, training=None):
         weights = self.cell_weights()

@@ -10,17 +10,17 @@ Artifacts under `WORKDIR/supernet/` (see `hmnas_keras.phase` for the common ones
 """
 
 import dataclasses
-import json
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from hmnas_keras.bilevel import ArchStepPolicy, ArchStepSchedule, BilevelSearch
+from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.phase import CHECKPOINT_FILE, Phase, run_phase
+from hmnas_keras.searched import parameter_counts
 from hmnas_keras.supernet import Supernet
 
 PHASE_DIR = "supernet"
@@ -96,10 +96,6 @@ def state_variables(search: BilevelSearch) -> list:
     )
 
 
-def count_parameters(variables) -> int:
-    return int(sum(np.prod(v.shape) for v in variables))
-
-
 def checkpoint_path(workdir: str) -> str:
     return os.path.join(workdir, PHASE_DIR, CHECKPOINT_FILE)
 
@@ -161,12 +157,10 @@ def run_supernet_phase(
         "steps": train.epochs * data.steps_per_epoch,
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
-        "weight_parameters": count_parameters(search.supernet.weight_variables),
-        "arch_parameters": count_parameters(search.supernet.arch_variables),
+        "weight_parameters": parameter_counts(search.supernet.weight_variables)["dense"],
+        "arch_parameters": parameter_counts(search.supernet.arch_variables)["dense"],
         "wall_seconds": round(state["elapsed_seconds"], 2),
         "arch_weights": search.supernet.arch_weights_numpy(),
     }
-    with open(os.path.join(phase_dir, SUMMARY_FILE), "w") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
+    write_json(os.path.join(phase_dir, SUMMARY_FILE), summary)
     return SupernetResult(search, summary)
