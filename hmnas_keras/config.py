@@ -9,7 +9,7 @@ from hmnas_keras.checkpoint import write_json
 from hmnas_keras.data import DataConfig
 from hmnas_keras.supernet import SearchSpace
 
-PHASES = ("supernet", "mask", "finetune")
+PHASES = ("supernet", "mask", "finetune", "export")
 DERIVATIONS = ("masks", "darts", "random")
 FINETUNE_INITS = ("inherited", "scratch")
 STRATEGIES = ("default", "mirrored")
@@ -145,8 +145,10 @@ class RunConfig:
                 "--architecture trains an existing architecture.json from scratch: its weights "
                 "belong to another run. Add --finetune_init=scratch."
             )
-        if self.architecture and set(self.phases) != {"finetune"}:
-            raise ValueError("--architecture goes with --phases=finetune only.")
+        if self.architecture and not set(self.phases) <= {"finetune", "export"}:
+            raise ValueError(
+                "--architecture goes with --phases=finetune (or finetune,export) only."
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

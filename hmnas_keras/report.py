@@ -5,6 +5,10 @@ weights, before fine-tuning) and the fine-tuned network — test accuracy,
 parameters (dense and non-zero), reduction against the supernet, FLOPs
 (multiply-accumulates per image; the text shows the dense count, report.json
 also the count over non-zero weights) and the wall time of the phase that made it.
+After the export phase, an "export" section: the exported files and their
+sizes, the compact model's parameters and FLOPs, the parity errors of every
+export, and onnxruntime latency and throughput against Keras
+(`hmnas_keras.export`); "pictures" lists the drawings of the cells.
 """
 
 import json
@@ -14,6 +18,10 @@ from hmnas_keras.architecture import ARCHITECTURE_FILE
 from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.derive import SEARCHED_FILE, supernet_checkpoint_path
+from hmnas_keras.export import EXPORT_DIR
+from hmnas_keras.export import SUMMARY_FILE as EXPORT_SUMMARY_FILE
+from hmnas_keras.export import format_summary as format_export_summary
+from hmnas_keras.pictures import PICTURES_DIR
 
 REPORT_FILE = "report.json"
 REPORT_TEXT_FILE = "report.txt"
@@ -92,6 +100,14 @@ def build_report(config: RunConfig, workdir: str) -> dict:
             sum(r["wall_seconds"] or 0.0 for r in rows.values() if "from" not in r), 2
         ),
     }
+    export = _read(os.path.join(workdir, EXPORT_DIR, EXPORT_SUMMARY_FILE))
+    if export:
+        report["export"] = export
+    pictures = os.path.join(workdir, PICTURES_DIR)
+    if os.path.isdir(pictures):
+        report["pictures"] = sorted(
+            os.path.join(PICTURES_DIR, name) for name in os.listdir(pictures)
+        )
     if architecture:
         report["cells"] = {
             cell_type: {
@@ -137,6 +153,8 @@ def format_report(report: dict) -> str:
             f"{cell['alive_nodes']}"
             + (f", dead {cell['dead_nodes']}" if cell["dead_nodes"] else "")
         )
+    if report.get("export"):
+        lines.append(format_export_summary(report["export"]))
     if report.get("degenerate"):
         lines.append(f"Degenerate architecture: {report['degenerate']}.")
     lines.append(f"Total wall time of this run's phases: {report['total_wall_seconds']:.0f} s")

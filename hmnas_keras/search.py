@@ -5,9 +5,10 @@
         --dataset=folder --data_dir=$HOME/.cache/hmnas/cifar10
     python -m hmnas_keras.search --workdir=runs/quickstart --resume
 
-Phases (--phases, default all): supernet -> mask -> finetune; the run ends with
-WORKDIR/report.json. --derivation, --finetune_init, --architecture and
---supernet_checkpoint select the paper's baselines (see README.md).
+Phases (--phases, default all): supernet -> mask -> finetune -> export; the
+run ends with WORKDIR/report.json and draws the cells in WORKDIR/pictures/.
+--derivation, --finetune_init, --architecture and --supernet_checkpoint select
+the paper's baselines (see README.md).
 
 The resolved configuration is written to WORKDIR/config.json. A workdir that
 already holds files is refused unless --resume is given; --resume continues a
@@ -373,16 +374,34 @@ def run(config: RunConfig, workdir: str) -> dict:
         from hmnas_keras.finetune_phase import run_finetune_phase
 
         prepare_architecture(config, data, workdir)
+        draw_pictures(workdir)
         summary = run_finetune_phase(config, data, workdir, strategy)
         print(
             f"Fine-tuning: test accuracy {summary['test_accuracy']:.4f}, "
             f"{summary['parameters']['nonzero']:,} non-zero parameters, "
             f"{summary['wall_seconds']:.0f} s. Outputs in {os.path.join(workdir, 'finetune')}"
         )
+    if "export" in config.phases:
+        from hmnas_keras.export import format_summary, run_export_phase
+
+        summary = run_export_phase(config, data, workdir)
+        print(format_summary(summary))
+        print(f"Exported models in {os.path.join(workdir, 'export')}")
+    draw_pictures(workdir)
     report, text = write_report(config, workdir)
     print(text)
     print(f"Report: {os.path.join(workdir, 'report.json')}")
     return report
+
+
+def draw_pictures(workdir: str) -> None:
+    """Draws the cells and search statistics into WORKDIR/pictures/ (given an architecture)."""
+    from hmnas_keras import architecture as arch_lib
+    from hmnas_keras.pictures import PICTURES_DIR, draw_workdir
+
+    if os.path.exists(os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)):
+        written = draw_workdir(workdir)
+        print(f"Pictures: {len(written)} files in {os.path.join(workdir, PICTURES_DIR)}")
 
 
 def prepare_architecture(config: RunConfig, data, workdir: str) -> None:
@@ -435,13 +454,22 @@ def main(argv):
         raise app.UsageError("--workdir is required: the directory for the run's outputs.")
     from hmnas_keras.architecture import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
+    from hmnas_keras.export import ExportError
     from hmnas_keras.phase import TrainingDiverged
 
+    logging.set_verbosity(logging.WARNING)  # tf2onnx logs every conversion step at INFO
     try:
         configure_tensorflow(FLAGS.threads, FLAGS.logical_cpus)
         config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
         run(config, FLAGS.workdir)
-    except (UsageError, DataError, CheckpointError, TrainingDiverged, ArchitectureError) as error:
+    except (
+        UsageError,
+        DataError,
+        CheckpointError,
+        TrainingDiverged,
+        ArchitectureError,
+        ExportError,
+    ) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
     return 0

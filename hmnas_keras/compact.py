@@ -1,0 +1,271 @@
+"""The compact model: what survived, as a plain Keras functional model (DESIGN.md §3).
+
+`compact_model(network)` rebuilds a built `SearchedNetwork` with standard
+Keras layers only — Conv2D, DepthwiseConv2D, BatchNormalization, ReLU,
+pooling, Cropping2D/ZeroPadding2D, Rescaling, Add, Concatenate,
+GlobalAveragePooling2D, Dense — and copies its weights:
+
+- no mask layers, no α/β variables: the searched network's kernels already
+  hold the masked weights (pruned entries are exact zeros and stay zeros);
+- only the surviving edges and ops are built; dead nodes are not computed
+  (the searched network's next preprocessing kernels and classifier already
+  lost their input channels);
+- the fixed weight of op k on edge j -> i, c = edge_weight · op_weight, is
+  folded into the op's last BatchNormalization (γ' = c·γ, β' = c·β: exact,
+  BN is affine in its input) or, for the identity, applied by a `Rescaling`
+  layer;
+- parameter-free work shared by the edges leaving one node (ReLU, pooling)
+  is computed once.
+
+In inference mode its output equals the searched network's up to float
+rounding (the scale is applied inside BN instead of after it).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from hmnas_keras.operations import (
+    DilConv,
+    FactorizedReduce,
+    Identity,
+    Pool,
+    SepConv,
+)
+from hmnas_keras.supernet import edge_index
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+class _Builder:
+    """Creates standard layers on KerasTensors and remembers the weights to copy into them."""
+
+    def __init__(self):
+        self.assignments = []  # (layer, [arrays]) set once the model is built
+        self.folded = set()  # names of BatchNormalization layers that carry a folded scale
+        self._relu = {}
+
+    def relu(self, x):
+        # One ReLU per tensor, named after the layer that made it: every op
+        # reading the same node shares it.
+        if id(x) not in self._relu:
+            name = f"{x._keras_history[0].name}.relu"
+            self._relu[id(x)] = (x, keras.layers.ReLU(name=name)(x))
+        return self._relu[id(x)][1]
+
+    def pointwise(self, source, x, name):
+        layer = keras.layers.Conv2D(
+            source.filters, 1, strides=source.strides, use_bias=False, name=name
+        )
+        self.assignments.append((layer, [_numpy(source.kernel)]))
+        return layer(x)
+
+    def depthwise(self, source, x, name):
+        layer = keras.layers.DepthwiseConv2D(
+            source.kernel_size,
+            strides=source.strides,
+            padding=source.padding,
+            dilation_rate=source.dilation_rate,
+            use_bias=False,
+            name=name,
+        )
+        self.assignments.append((layer, [_numpy(source.kernel)]))
+        return layer(x)
+
+    def batch_norm(self, source, x, name, scale=None):
+        """A copy of `source` (a BatchNormalization); `scale` multiplies its output exactly."""
+        gamma = _numpy(source.gamma) if source.scale else None
+        beta = _numpy(source.beta) if source.center else None
+        if scale is not None:
+            channels = source.moving_mean.shape[0]
+            gamma = np.float32(scale) * (gamma if gamma is not None else np.ones(channels, "f"))
+            beta = None if beta is None else np.float32(scale) * beta
+            self.folded.add(name)
+        layer = keras.layers.BatchNormalization(
+            momentum=source.momentum,
+            epsilon=source.epsilon,
+            center=beta is not None,
+            scale=gamma is not None,
+            name=name,
+        )
+        weights = [w for w in (gamma, beta) if w is not None]
+        weights += [_numpy(source.moving_mean), _numpy(source.moving_variance)]
+        self.assignments.append((layer, [w.astype("float32") for w in weights]))
+        return layer(x)
+
+    def factorized_reduce(self, source, x, name, scale=None):
+        x = self.relu(x)
+        shifted = keras.layers.Cropping2D(((1, 0), (1, 0)), name=f"{name}.crop")(x)
+        shifted = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}.pad")(shifted)
+        x = keras.layers.Concatenate(name=f"{name}.concat")(
+            [
+                self.pointwise(source.conv_1, x, f"{name}.conv_1"),
+                self.pointwise(source.conv_2, shifted, f"{name}.conv_2"),
+            ]
+        )
+        return self.batch_norm(source.bn, x, f"{name}.bn", scale)
+
+    def relu_conv_bn(self, source, x, name):
+        x = self.relu(x)
+        return self.batch_norm(source.bn, self.pointwise(source.conv, x, f"{name}.conv"), name)
+
+    def sep_conv(self, source, x, name, scale):
+        x = self.relu(x)
+        x = self.depthwise(source.depthwise_1, x, f"{name}.depthwise_1")
+        x = self.pointwise(source.pointwise_1, x, f"{name}.pointwise_1")
+        x = self.batch_norm(source.bn_1, x, f"{name}.bn_1")
+        x = keras.layers.ReLU(name=f"{name}.relu_2")(x)
+        x = self.depthwise(source.depthwise_2, x, f"{name}.depthwise_2")
+        x = self.pointwise(source.pointwise_2, x, f"{name}.pointwise_2")
+        return self.batch_norm(source.bn_2, x, f"{name}.bn_2", scale)
+
+    def dil_conv(self, source, x, name, scale):
+        x = self.relu(x)
+        if source.stride == 2:
+            # x[:, ::2, ::2]: DilConv computes its stride-2 form on the even positions.
+            x = keras.layers.MaxPooling2D(1, strides=2, name=f"{name}.subsample")(x)
+        x = self.depthwise(source.depthwise, x, f"{name}.depthwise")
+        x = self.pointwise(source.pointwise, x, f"{name}.pointwise")
+        return self.batch_norm(source.bn, x, f"{name}.bn", scale)
+
+
+def _numpy(variable) -> np.ndarray:
+    return np.asarray(ops.convert_to_numpy(variable))
+
+
+def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str):
+    nodes = {}
+    if cell.preprocess_0 is not None:
+        if isinstance(cell.preprocess_0, FactorizedReduce):
+            nodes[0] = builder.factorized_reduce(cell.preprocess_0, s0, f"{prefix}.preprocess_0")
+        else:
+            nodes[0] = builder.relu_conv_bn(cell.preprocess_0, s0, f"{prefix}.preprocess_0")
+    if cell.preprocess_1 is not None:
+        nodes[1] = builder.relu_conv_bn(cell.preprocess_1, s1, f"{prefix}.preprocess_1")
+    pooled = {}
+    terms = []
+    edges = list(zip(cell.genotype, cell.edge_ops, strict=True))
+    # Edges come sorted by target: a node is complete before an edge reads it.
+    for position, ((source, target, names), mixed_op) in enumerate(edges):
+        index = edge_index(source, target)
+        x = nodes[source]
+        for op_name in names:
+            scale = float(edge_weights[index]) * float(
+                op_weights[index, cell.op_names.index(op_name)]
+            )
+            name = f"{prefix}.edge_{source}_{target}.{op_name}"
+            layer = mixed_op.candidates.get(op_name) or cell.source_ops[source][op_name]
+            if isinstance(layer, SepConv):
+                out = builder.sep_conv(layer, x, name, scale)
+            elif isinstance(layer, DilConv):
+                out = builder.dil_conv(layer, x, name, scale)
+            elif isinstance(layer, FactorizedReduce):
+                out = builder.factorized_reduce(layer, x, name, scale)
+            elif isinstance(layer, Pool):
+                key = (source, layer.kind)
+                if key not in pooled:
+                    pool_class = {
+                        "max": keras.layers.MaxPooling2D,
+                        "avg": keras.layers.AveragePooling2D,
+                    }[layer.kind]
+                    pooled[key] = pool_class(
+                        3,
+                        strides=layer.stride,
+                        padding="same",
+                        name=f"{prefix}.node_{source}_{op_name}",
+                    )(x)
+                out = builder.batch_norm(layer.bn, pooled[key], f"{name}.bn", scale)
+            elif isinstance(layer, Identity):
+                out = keras.layers.Rescaling(scale, name=f"{name}.scale")(x)
+            else:
+                raise TypeError(
+                    f"No compact form for operation {op_name} ({type(layer).__name__})."
+                )
+            terms.append(out)
+        if position + 1 == len(edges) or edges[position + 1][0][1] != target:
+            nodes[target] = (
+                keras.layers.Add(name=f"{prefix}.node_{target}")(terms)
+                if len(terms) > 1
+                else terms[0]
+            )
+            terms = []
+    outputs = [nodes[node] for node in cell.alive_nodes]
+    if len(outputs) == 1:
+        return outputs[0]
+    return keras.layers.Concatenate(name=f"{prefix}.concat")(outputs)
+
+
+def compact_model(network, name: str = "compact") -> keras.Model:
+    """The plain Keras functional model equal to the built `network` (a SearchedNetwork).
+
+    Returns a model with one input named "images" (normalised NHWC float32
+    images) and one output, the logits, from the layer named "logits". Layers
+    carrying a folded op/edge scale are listed in `model.folded_scales`.
+    """
+    builder = _Builder()
+    images = keras.Input(tuple(network.image_shape), name=INPUT_NAME)
+    x = keras.layers.Conv2D(
+        network.stem_conv.filters, 3, padding="same", use_bias=False, name="stem_conv"
+    )
+    builder.assignments.append((x, [_numpy(network.stem_conv.kernel)]))
+    x = builder.batch_norm(network.stem_bn, x(images), "stem_bn")
+    s0 = s1 = x
+    weights = {
+        cell_type: tuple(np.asarray(w, "float32") for w in pair)
+        for cell_type, pair in network._fixed_weights.items()
+    }
+    for index, (cell, cell_type) in enumerate(
+        zip(network.cells, network.search_space.cell_types, strict=True)
+    ):
+        op_weights, edge_weights = weights[cell_type]
+        s0, s1 = s1, _cell(builder, cell, s0, s1, op_weights, edge_weights, f"cell_{index}")
+    x = keras.layers.GlobalAveragePooling2D(name="global_pool")(s1)
+    classifier = keras.layers.Dense(network.num_classes, name=OUTPUT_NAME)
+    outputs = classifier(x)
+    builder.assignments.append(
+        (classifier, [_numpy(network.classifier.kernel), _numpy(network.classifier.bias)])
+    )
+    model = keras.Model(images, outputs, name=name)
+    for layer, arrays in builder.assignments:
+        layer.set_weights(arrays)
+    model.folded_scales = tuple(sorted(builder.folded))
+    return model
+
+
+def kernel_macs(model: keras.Model) -> dict:
+    """Multiply-accumulates per image of the compact model's convolutions and dense layer.
+
+    Same convention as `operations.count_macs`: output positions x kernel
+    entries (dense), output positions x non-zero kernel entries (non-zero).
+    """
+    macs = nonzero = 0
+    for layer in model.layers:
+        if isinstance(
+            layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.Dense
+        ):
+            kernel = _numpy(layer.kernel)
+            positions = int(np.prod(layer.output.shape[1:-1]))
+            macs += positions * kernel.size
+            nonzero += positions * int(np.count_nonzero(kernel))
+    return {"macs": macs, "nonzero_macs": nonzero}
+
+
+def parameter_counts(model: keras.Model) -> dict:
+    """Learned parameters of the compact model: kernels, biases and the stem BN's γ, β.
+
+    BN moving statistics are not parameters, and neither are the γ that only
+    carry a folded op/edge scale (counted apart as `folded_scales`), so the
+    figures compare with the searched network's.
+    """
+    folded = set(getattr(model, "folded_scales", ()))
+    dense = nonzero = scales = 0
+    for layer in model.layers:
+        for variable in layer.trainable_weights:
+            value = _numpy(variable)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.name in folded:
+                scales += value.size
+                continue
+            dense += value.size
+            nonzero += int(np.count_nonzero(value))
+    return {"dense": int(dense), "nonzero": int(nonzero), "folded_scales": int(scales)}

@@ -1,0 +1,319 @@
+"""Pictures of what a search found (paper Fig. 4–6), drawn from a workdir's files.
+
+`draw_workdir(workdir)` writes under WORKDIR/pictures/:
+
+- `cell_<type>.png`, `.svg` and `.dot` (Graphviz source) — each cell type as a
+  graph: inputs c_{k-2}, c_{k-1}, the intermediate nodes (dead ones grey) and
+  the output; every surviving edge labelled with its weight and its ops (with
+  their weights), drawn thicker the heavier it is;
+- `incoming_edges.png` — the number of surviving incoming edges per node;
+- `ops_per_edge.png` — the histogram of surviving edges by number of ops;
+- `edge_weights.png` — softmax(β) of every edge over the supernet epochs,
+  from `supernet/arch_history.jsonl` (when the run has one).
+
+Only matplotlib is needed (no Graphviz binary); the `.dot` files render with
+`dot -Tpng` for those who prefer Graphviz' layout.
+"""
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch  # noqa: E402
+
+from hmnas_keras.architecture import ARCHITECTURE_FILE, read_architecture  # noqa: E402
+
+PICTURES_DIR = "pictures"
+ARCH_HISTORY = os.path.join("supernet", "arch_history.jsonl")
+SHORT_NAMES = {
+    "sep_conv_3x3": "sep3",
+    "sep_conv_5x5": "sep5",
+    "dil_conv_3x3": "dil3",
+    "dil_conv_5x5": "dil5",
+    "max_pool_3x3": "max",
+    "avg_pool_3x3": "avg",
+    "skip_connect": "skip",
+}
+
+
+def _node_label(node: int) -> str:
+    return {0: "c_{k-2}", 1: "c_{k-1}"}.get(node, str(node - 2))
+
+
+def _short(op_name: str) -> str:
+    return SHORT_NAMES.get(op_name, op_name)
+
+
+def _edge_label(edge: dict) -> str:
+    ops = ", ".join(
+        f"{SHORT_NAMES.get(op['name'], op['name'])} {op['weight']:.2f}" for op in edge["ops"]
+    )
+    return f"β {edge['weight']:.2f}: {ops}"
+
+
+def cell_dot(cell_type: str, cell: dict, num_nodes: int) -> str:
+    """The cell as Graphviz DOT source."""
+    alive = set(cell["alive_nodes"])
+    lines = [
+        f'digraph "{cell_type}_cell" {{',
+        "  rankdir=LR;",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica"];',
+        '  edge [fontname="Helvetica", fontsize=9];',
+    ]
+    for node in range(num_nodes + 2):
+        if node < 2:
+            style = 'fillcolor="#c6dbef"'
+        elif node in alive:
+            style = 'fillcolor="#fdd0a2"'
+        else:
+            style = 'fillcolor="#f0f0f0", fontcolor="#969696", style="rounded,filled,dashed"'
+        lines.append(f'  n{node} [label="{_node_label(node)}", {style}];')
+    lines.append('  out [label="c_{k}", fillcolor="#c7e9c0"];')
+    for edge in cell["edges"]:
+        width = 1.0 + 4.0 * edge["weight"]
+        lines.append(
+            f'  n{edge["source"]} -> n{edge["target"]} [label="{_edge_label(edge)}", '
+            f"penwidth={width:.2f}];"
+        )
+    for node in sorted(alive):
+        lines.append(f'  n{node} -> out [style=dashed, color="#969696"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _positions(num_nodes: int) -> dict:
+    positions = {0: (0.0, 1.5), 1: (0.0, -1.5)}
+    for node in range(2, num_nodes + 2):
+        positions[node] = (2.0 * (node - 1), 0.9 if node % 2 else -0.9)
+    positions["out"] = (2.0 * (num_nodes + 1), 0.0)
+    return positions
+
+
+def _edge_name(index: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return letters[index % 26] * (1 + index // 26)
+
+
+def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> list[str]:
+    """Draws one cell type to PATH_STEM.png, .svg and .dot; returns the paths written.
+
+    Each edge carries a letter and its weight; the table on the right lists
+    the ops of every lettered edge with their weights.
+    """
+    alive = set(cell["alive_nodes"])
+    positions = _positions(num_nodes)
+    figure, (axes, table) = plt.subplots(
+        1,
+        2,
+        figsize=(3.0 * (num_nodes + 2) + 4.5, 6.0),
+        gridspec_kw={"width_ratios": [2.0 * (num_nodes + 2), 4.5]},
+    )
+    rows = []
+    for index, edge in enumerate(cell["edges"]):
+        start, end = positions[edge["source"]], positions[edge["target"]]
+        rad = 0.25 * (1 if index % 2 else -1) if edge["target"] - edge["source"] > 1 else 0.1
+        axes.add_patch(
+            FancyArrowPatch(
+                start,
+                end,
+                connectionstyle=f"arc3,rad={rad}",
+                arrowstyle="-|>",
+                mutation_scale=14,
+                linewidth=0.8 + 4.0 * edge["weight"],
+                color="#3182bd",
+                shrinkA=18,
+                shrinkB=18,
+                alpha=0.8,
+            )
+        )
+        # A point on matplotlib's arc3 curve (a quadratic Bézier; equal aspect, so data and
+        # display directions agree), further along for later sources so labels spread out.
+        control = (
+            (start[0] + end[0]) / 2 + rad * (end[1] - start[1]),
+            (start[1] + end[1]) / 2 - rad * (end[0] - start[0]),
+        )
+        t = 0.3 + 0.4 * edge["source"] / max(1, edge["target"] - 1)
+        middle_x, middle_y = (
+            (1 - t) ** 2 * start[i] + 2 * t * (1 - t) * control[i] + t**2 * end[i] for i in (0, 1)
+        )
+        name = _edge_name(index)
+        axes.text(
+            middle_x,
+            middle_y,
+            f"{name} {edge['weight']:.2f}",
+            fontsize=8,
+            ha="center",
+            va="center",
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9, "linewidth": 0.3},
+        )
+        ops = " ".join(
+            f"{SHORT_NAMES.get(op['name'], op['name'])} {op['weight']:.2f}" for op in edge["ops"]
+        )
+        route = f"{_node_label(edge['source'])}→{_node_label(edge['target'])}"
+        rows.append(f"{name}  {route:<11} β {edge['weight']:.3f}\n   {ops}")
+    for node in sorted(alive):
+        axes.annotate(
+            "",
+            xy=positions["out"],
+            xytext=positions[node],
+            arrowprops={
+                "arrowstyle": "-|>",
+                "linestyle": "dashed",
+                "color": "#969696",
+                "shrinkA": 18,
+                "shrinkB": 18,
+            },
+        )
+    for node, (x, y) in positions.items():
+        if node == "out":
+            color, label, text_color = "#c7e9c0", "c_{k}", "black"
+        elif node < 2:
+            color, label, text_color = "#c6dbef", _node_label(node), "black"
+        elif node in alive:
+            color, label, text_color = "#fdd0a2", _node_label(node), "black"
+        else:
+            color, label, text_color = "#f0f0f0", f"{_node_label(node)} (dead)", "#969696"
+        axes.text(
+            x,
+            y,
+            label,
+            ha="center",
+            va="center",
+            fontsize=11,
+            color=text_color,
+            bbox={"boxstyle": "round,pad=0.5", "facecolor": color, "edgecolor": "#636363"},
+        )
+    axes.set_xlim(-0.8, 2.0 * (num_nodes + 1) + 0.8)
+    axes.set_ylim(-2.6, 2.6)
+    axes.set_aspect("equal")
+    axes.axis("off")
+    kept = f"{len(cell['edges'])} edges, {cell['ops_kept']}/{cell['ops_total']} ops"
+    axes.set_title(f"{cell_type} cell: {kept} (edge: letter, weight; line width ~ weight)")
+    table.axis("off")
+    table.text(
+        0.0,
+        1.0,
+        "\n".join(rows) if rows else "no surviving edge",
+        family="monospace",
+        fontsize=7.5,
+        va="top",
+        ha="left",
+        transform=table.transAxes,
+    )
+    table.set_title("ops of each edge (op weight)", fontsize=9)
+    written = []
+    for extension in ("png", "svg"):
+        path = f"{path_stem}.{extension}"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    plt.close(figure)
+    with open(f"{path_stem}.dot", "w") as handle:
+        handle.write(cell_dot(cell_type, cell, num_nodes))
+    written.append(f"{path_stem}.dot")
+    return written
+
+
+def draw_incoming_edges(architecture: dict, path: str) -> str:
+    """Bar chart: surviving incoming edges per intermediate node, per cell type (paper Fig. 5)."""
+    cells = architecture["cells"]
+    num_nodes = architecture["search_space"]["num_nodes"]
+    figure, axes = plt.subplots(figsize=(1.2 * num_nodes * len(cells) + 2, 3.5))
+    width = 0.8 / len(cells)
+    for offset, (cell_type, cell) in enumerate(cells.items()):
+        counts = [int(cell["incoming_edges"].get(str(n), 0)) for n in range(2, num_nodes + 2)]
+        xs = [n + offset * width for n in range(num_nodes)]
+        axes.bar(xs, counts, width=width, label=f"{cell_type} cell")
+    axes.set_xticks([n + width * (len(cells) - 1) / 2 for n in range(num_nodes)])
+    axes.set_xticklabels([f"node {n}" for n in range(num_nodes)])
+    axes.set_ylabel("surviving incoming edges")
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend()
+    axes.set_title("Incoming edges per node")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def draw_ops_per_edge(architecture: dict, path: str) -> str:
+    """Histogram: surviving edges by their number of surviving ops, per cell type (paper Fig. 6)."""
+    cells = architecture["cells"]
+    num_ops = len(architecture["search_space"]["op_names"])
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(cells)
+    for offset, (cell_type, cell) in enumerate(cells.items()):
+        counts = [0] * num_ops
+        for edge in cell["edges"]:
+            counts[len(edge["ops"]) - 1] += 1
+        xs = [k + 1 + offset * width for k in range(num_ops)]
+        axes.bar(xs, counts, width=width, label=f"{cell_type} cell")
+    axes.set_xticks([k + 1 + width * (len(cells) - 1) / 2 for k in range(num_ops)])
+    axes.set_xticklabels([str(k + 1) for k in range(num_ops)])
+    axes.set_xlabel("ops on the edge")
+    axes.set_ylabel("edges")
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend()
+    axes.set_title("Edges by number of ops")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def read_arch_history(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def draw_edge_weights(history: list[dict], num_nodes: int, path: str) -> str:
+    """softmax(β) of every edge after each supernet epoch, one panel per cell type (Fig. 4)."""
+    cell_types = list(history[0]["weights"])
+    edges = [(s, t) for t in range(2, num_nodes + 2) for s in range(t)]
+    figure, panels = plt.subplots(
+        1, len(cell_types), figsize=(6 * len(cell_types), 4), squeeze=False
+    )
+    epochs = [row["epoch"] for row in history]
+    colors = plt.get_cmap("tab20")
+    for axes, cell_type in zip(panels[0], cell_types, strict=True):
+        for index, (source, target) in enumerate(edges):
+            values = [row["weights"][cell_type]["edges"][index] for row in history]
+            axes.plot(
+                epochs,
+                values,
+                marker="o",
+                markersize=3,
+                color=colors(index % 20),
+                label=f"{_node_label(source)}→{_node_label(target)}",
+            )
+        axes.set_xlabel("supernet epoch")
+        axes.set_ylabel("edge weight softmax(β)")
+        axes.set_title(f"{cell_type} cell")
+        axes.legend(fontsize=7, ncol=2)
+    figure.suptitle("Edge weights during the supernet search")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def draw_workdir(workdir: str) -> list[str]:
+    """Draws every picture WORKDIR's files allow; returns the paths written."""
+    architecture = read_architecture(os.path.join(workdir, ARCHITECTURE_FILE))
+    directory = os.path.join(workdir, PICTURES_DIR)
+    os.makedirs(directory, exist_ok=True)
+    num_nodes = architecture["search_space"]["num_nodes"]
+    written = []
+    for cell_type, cell in architecture["cells"].items():
+        written += draw_cell(
+            cell_type, cell, num_nodes, os.path.join(directory, f"cell_{cell_type}")
+        )
+    written.append(draw_incoming_edges(architecture, os.path.join(directory, "incoming_edges.png")))
+    written.append(draw_ops_per_edge(architecture, os.path.join(directory, "ops_per_edge.png")))
+    history_path = os.path.join(workdir, ARCH_HISTORY)
+    if os.path.exists(history_path):
+        history = read_arch_history(history_path)
+        if history:
+            written.append(
+                draw_edge_weights(history, num_nodes, os.path.join(directory, "edge_weights.png"))
+            )
+    return written

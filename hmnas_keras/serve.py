@@ -1,0 +1,337 @@
+"""Serving an exported model with onnxruntime: no TensorFlow, no Keras.
+
+This module needs only `onnxruntime`, `numpy` and Pillow (the image decoder);
+it imports nothing else from hmnas_keras, so it can be copied next to a
+`model.onnx` on a machine without TensorFlow (`pip install ".[serve]"`, or
+those three packages). Everything it needs to prepare an image — input size,
+colour mode, normalisation, class names — is read from the model's metadata.
+
+Python:
+
+    from hmnas_keras.serve import Classifier
+    classifier = Classifier("runs/quickstart/export/model.onnx")
+    classifier.predict_files(["cat.jpg"], top_k=3)   # [{"path", "predictions": [...]}]
+    classifier.predict(pixels)                       # uint8 [N, H, W, C] -> top-k per image
+
+Command line (files and folders; a table or JSON lines):
+
+    python -m hmnas_keras.serve --model=runs/quickstart/export/model.onnx --images PATH...
+    python -m hmnas_keras.serve --model=... --images PATH... --format=jsonl --top_k=3
+
+HTTP server (`--port`; binds 127.0.0.1 unless --host says otherwise; needs
+the `http` extra, see `hmnas_keras.http_server`):
+
+    python -m hmnas_keras.serve --model=runs/quickstart/export/model.onnx --port=8000
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+
+import numpy as np
+
+METADATA_KEY = "hmnas_keras.metadata"
+METADATA_FORMAT = "hmnas_keras/classifier"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ServeError(ValueError):
+    """A model, image or request that cannot be served; the message says what to fix."""
+
+
+class Classifier:
+    """An exported hmnas_keras model.onnx, ready to classify images.
+
+    Args:
+        model_path: the `model.onnx` written by the export phase.
+        threads: onnxruntime intra-op threads (0: its default).
+    """
+
+    def __init__(self, model_path: str, threads: int = 0):
+        import onnxruntime
+
+        if not os.path.isfile(model_path):
+            raise ServeError(
+                f"No model at {model_path}. Pass the model.onnx of an exported run "
+                "(WORKDIR/export/model.onnx)."
+            )
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(
+                model_path, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ServeError(f"{model_path} is not a readable ONNX model: {error}") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise ServeError(
+                f"{model_path} has no {METADATA_KEY} metadata: it was not exported by "
+                "hmnas_keras (python -m hmnas_keras.search --phases=...,export, or "
+                "tools/export_model.py)."
+            )
+        self.metadata = json.loads(raw)
+        if self.metadata.get("format") != METADATA_FORMAT:
+            raise ServeError(f"{model_path}: unknown metadata format {self.metadata.get('format')}")
+        self.model_path = model_path
+        self.class_names = list(self.metadata["class_names"])
+        model_input = self.metadata["input"]
+        self.input_name = model_input["name"]
+        self.output_name = self.metadata["output"]["name"]
+        _, self.height, self.width, self.channels = model_input["shape"]
+        self.color = model_input["color"]
+        preprocessing = self.metadata["preprocessing"]
+        self.scale = np.float32(preprocessing["scale"])
+        self.mean = np.asarray(preprocessing["mean"], "float32")
+        self.std = np.asarray(preprocessing["std"], "float32")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    # Images -> normalised arrays.
+
+    def decode(self, data: bytes, name: str = "image") -> np.ndarray:
+        """Image file bytes -> uint8 [H, W, C] in the model's size and colour mode."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB" if self.channels == 3 else "L")
+                if image.size != (self.width, self.height):
+                    image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype="uint8")
+        except UnidentifiedImageError:
+            raise ServeError(
+                f"Cannot decode {name}: not an image file Pillow recognises (JPEG, PNG, BMP, "
+                "GIF, WebP, TIFF)."
+            ) from None
+        except (OSError, ValueError) as error:
+            raise ServeError(f"Cannot decode {name} as an image: {error}.") from None
+        return pixels.reshape(self.image_shape)
+
+    def load_image(self, path: str) -> np.ndarray:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise ServeError(f"Cannot read {path}: {error.strerror}.") from None
+        return self.decode(data, path)
+
+    def check_batch(self, images, what: str = "images") -> np.ndarray:
+        """A numeric array [N, H, W, C] (or one [H, W, C] image) with the model's shape."""
+        try:
+            array = np.asarray(images)
+        except (ValueError, TypeError):
+            raise ServeError(f"{what} must be a rectangular numeric array.") from None
+        if array.dtype == object or not (
+            np.issubdtype(array.dtype, np.number) or array.dtype == bool
+        ):
+            kind = {"U": "text", "S": "bytes"}.get(array.dtype.kind, f"{array.dtype} values")
+            raise ServeError(f"{what} must be numbers; received {kind}.")
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or array.shape[1:] != self.image_shape:
+            raise ServeError(
+                f"{what} have shape {list(array.shape)}; this model expects "
+                f"[batch, {self.height}, {self.width}, {self.channels}] (or one "
+                f"[{self.height}, {self.width}, {self.channels}] image)."
+            )
+        return array
+
+    def normalize(self, pixels) -> np.ndarray:
+        """uint8-range pixels [N, H, W, C] (0..255) -> the model's input."""
+        pixels = self.check_batch(pixels, "pixels").astype("float32")
+        return (pixels * self.scale - self.mean) / self.std
+
+    # Prediction.
+
+    def logits(self, inputs, batch_size: int = 64) -> np.ndarray:
+        """Normalised inputs [N, H, W, C] -> logits [N, classes], `batch_size` at a time."""
+        inputs = self.check_batch(inputs, "inputs").astype("float32")
+        outputs = [
+            self.session.run([self.output_name], {self.input_name: inputs[i : i + batch_size]})[0]
+            for i in range(0, len(inputs), batch_size)
+        ]
+        if not outputs:
+            return np.zeros((0, len(self.class_names)), "float32")
+        return np.concatenate(outputs)
+
+    def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[dict]]:
+        """Per row of logits, the k most probable classes: {"class", "index", "probability"}."""
+        k = max(1, min(int(k), len(self.class_names)))
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        result = []
+        for row in probabilities:
+            order = np.argsort(-row, kind="stable")[:k]
+            result.append(
+                [
+                    {
+                        "class": self.class_names[i],
+                        "index": int(i),
+                        "probability": round(float(row[i]), 6),
+                    }
+                    for i in order
+                ]
+            )
+        return result
+
+    def predict(self, images, top_k: int = 5, batch_size: int = 64, normalized=False):
+        """Top-k classes of each image.
+
+        `images`: pixels [N, H, W, C] or [H, W, C] in 0..255 (any numeric
+        dtype), or, with `normalized=True`, inputs already normalised as the
+        metadata says.
+        """
+        inputs = self.check_batch(images) if normalized else self.normalize(images)
+        return self.top_k(self.logits(inputs, batch_size), top_k)
+
+    def predict_files(self, paths, top_k: int = 5, batch_size: int = 64) -> list[dict]:
+        """Top-k classes of each image file: [{"path", "predictions"}] or {"path", "error"}."""
+        results = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            pixels, readable = [], []
+            for path in chunk:
+                try:
+                    pixels.append(self.load_image(path))
+                    readable.append(path)
+                except ServeError as error:
+                    results.append({"path": path, "error": str(error)})
+            if readable:
+                predictions = self.predict(np.stack(pixels), top_k, batch_size)
+                for path, prediction in zip(readable, predictions, strict=True):
+                    results.append({"path": path, "predictions": prediction})
+        order = {path: i for i, path in enumerate(paths)}
+        return sorted(results, key=lambda r: order[r["path"]])
+
+
+def find_images(paths) -> list[str]:
+    """Image files among `paths`; folders are searched recursively (sorted)."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                found += [
+                    os.path.join(root, name)
+                    for name in sorted(names)
+                    if name.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise ServeError(f"No such file or folder: {path}.")
+    return found
+
+
+def format_table(results: list[dict]) -> str:
+    width = max([len(r["path"]) for r in results] + [4])
+    lines = [f"{'path':<{width}}  predictions (class: probability)"]
+    for result in results:
+        if "error" in result:
+            cells = f"error: {result['error']}"
+        else:
+            cells = "  ".join(
+                f"{p['class']}: {p['probability']:.4f}" for p in result["predictions"]
+            )
+        lines.append(f"{result['path']:<{width}}  {cells}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m hmnas_keras.serve",
+        description="Classify images with an exported hmnas_keras model.onnx (onnxruntime), "
+        "from the command line or as an HTTP server.",
+    )
+    parser.add_argument("--model", required=True, help="The exported model.onnx.")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="Image files or folders (searched recursively).",
+    )
+    parser.add_argument("more_images", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per model call.")
+    parser.add_argument("--top_k", type=int, default=5, help="Classes shown per image.")
+    parser.add_argument(
+        "--format", choices=("table", "jsonl"), default="table", help="Output format."
+    )
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto).")
+    parser.add_argument("--port", type=int, help="Serve over HTTP on this port instead.")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="Address the server binds (default 127.0.0.1)."
+    )
+    parser.add_argument(
+        "--max_images", type=int, default=64, help="Most images in one HTTP request."
+    )
+    parser.add_argument(
+        "--max_request_bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="Largest HTTP request body accepted.",
+    )
+    args = parser.parse_args(argv)
+    args.images += args.more_images
+    for name in ("batch_size", "top_k", "max_images", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1; received {getattr(args, name)}.")
+    if args.port is None and not args.images:
+        parser.error("give --images PATH... to classify files, or --port=N to serve over HTTP.")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        classifier = Classifier(args.model, threads=args.threads)
+        if args.port is not None:
+            try:
+                from hmnas_keras.http_server import serve_forever
+            except ImportError as error:
+                raise ServeError(
+                    f"The HTTP server needs the http extra ({error.name} is missing): "
+                    'pip install ".[http]" (starlette, uvicorn, python-multipart).'
+                ) from None
+
+            serve_forever(
+                classifier,
+                host=args.host,
+                port=args.port,
+                max_images=args.max_images,
+                max_request_bytes=args.max_request_bytes,
+                batch_size=args.batch_size,
+            )
+            return 0
+        paths = find_images(args.images)
+        if not paths:
+            raise ServeError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {args.images}.")
+        results = classifier.predict_files(paths, args.top_k, args.batch_size)
+    except ServeError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    if args.format == "jsonl":
+        for result in results:
+            print(json.dumps(result))
+    else:
+        print(format_table(results))
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} files could not be read.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this __main__ copy, so that there is one ServeError class
+    # (the HTTP server catches hmnas_keras.serve.ServeError).
+    from hmnas_keras.serve import main as module_main
+
+    sys.exit(module_main())

@@ -1,0 +1,67 @@
+"""Exports the compact model of an existing workdir (what `--phases=...,export` does).
+
+    python tools/export_model.py --workdir=runs/quickstart
+    python tools/export_model.py --workdir=runs/cifar10 --speed_repeats=100
+
+Reads WORKDIR/architecture.json, the fine-tuned weights and WORKDIR/config.json
+(its data gives the normalisation constants and the real test images of the
+parity checks), rewrites WORKDIR/export/ (model.keras, saved_model/,
+model.onnx, metadata.json, summary.json) and WORKDIR/report.json, and prints
+the parity errors, sizes and speed. Unlike the pipeline's export phase, it
+always exports again.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "A run's directory, fine-tuned (required).")
+flags.DEFINE_float(
+    "tolerance", 1e-5, "Largest |compact - searched| logit difference accepted.", lower_bound=0.0
+)
+flags.DEFINE_integer(
+    "speed_repeats", 30, "Timed calls for the batch-1 latency (batch 64: a fifth).", lower_bound=1
+)
+flags.DEFINE_integer("parity_images", 64, "Real test images for the parity checks.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required: the directory of a fine-tuned run.")
+    logging.set_verbosity(logging.WARNING)  # tf2onnx logs every conversion step at INFO
+    from hmnas_keras.architecture import ArchitectureError
+    from hmnas_keras.checkpoint import CheckpointError
+    from hmnas_keras.config import CONFIG_FILE, read_config
+    from hmnas_keras.data import DataError, make_search_data
+    from hmnas_keras.export import ExportError, export_workdir, format_summary, real_test_images
+    from hmnas_keras.report import write_report
+
+    workdir = FLAGS.workdir
+    try:
+        if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+            raise ExportError(f"{workdir} holds no {CONFIG_FILE}: is it a hmnas_keras run?")
+        config = read_config(workdir)
+        data = make_search_data(config.data, config.seed)
+        summary = export_workdir(
+            workdir,
+            data.mean,
+            data.std,
+            real_test_images(data, FLAGS.parity_images),
+            tolerance=FLAGS.tolerance,
+            speed_repeats=FLAGS.speed_repeats,
+        )
+        write_report(config, workdir)
+    except (ExportError, ArchitectureError, CheckpointError, DataError) as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"Exported models in {os.path.join(workdir, 'export')}; report in {workdir}/report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
