@@ -205,15 +205,14 @@ def compact_model(network, name: str = "compact") -> keras.Model:
     """
     builder = _Builder()
     images = keras.Input(tuple(network.image_shape), name=INPUT_NAME)
-    x = keras.layers.Conv2D(
+    stem = keras.layers.Conv2D(
         network.stem_conv.filters, 3, padding="same", use_bias=False, name="stem_conv"
     )
-    builder.assignments.append((x, [_numpy(network.stem_conv.kernel)]))
-    x = builder.batch_norm(network.stem_bn, x(images), "stem_bn")
-    s0 = s1 = x
+    builder.assignments.append((stem, [_numpy(network.stem_conv.kernel)]))
+    s0 = s1 = builder.batch_norm(network.stem_bn, stem(images), "stem_bn")
     weights = {
-        cell_type: tuple(np.asarray(w, "float32") for w in pair)
-        for cell_type, pair in network._fixed_weights.items()
+        cell_type: (_numpy(op_weights), _numpy(edge_weights))
+        for cell_type, (op_weights, edge_weights) in network.cell_weights().items()
     }
     for index, (cell, cell_type) in enumerate(
         zip(network.cells, network.search_space.cell_types, strict=True)

@@ -28,6 +28,7 @@ import os
 import shutil
 import statistics
 import time
+import warnings
 
 import numpy as np
 
@@ -166,7 +167,9 @@ def export_onnx(model, path: str, metadata: dict, opset: int = ONNX_OPSET) -> No
     import tf2onnx
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
 
-    patch_tf2onnx()  # tf2onnx 1.17 with numpy 2, as keras.Model.export does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the patch probes np.object
+        patch_tf2onnx()  # tf2onnx 1.17 with numpy 2, as keras.Model.export does.
     serve = _serve_function(model)
     proto, _ = tf2onnx.convert.from_function(
         serve, input_signature=serve.input_signature, opset=opset
@@ -398,6 +401,7 @@ def run_export_phase(config, data, workdir: str, verbose: bool = True) -> dict:
     """The pipeline's export phase (skipped when WORKDIR/export/summary.json exists)."""
     path = os.path.join(workdir, EXPORT_DIR, SUMMARY_FILE)
     if os.path.exists(path):
+        print(f"The export phase already finished ({path}); tools/export_model.py exports again.")
         with open(path) as handle:
             return json.load(handle)
     del config  # the export depends on the workdir's files only

@@ -132,11 +132,12 @@ class Classifier:
         ):
             kind = {"U": "text", "S": "bytes"}.get(array.dtype.kind, f"{array.dtype} values")
             raise ServeError(f"{what} must be numbers; received {kind}.")
+        shape = list(array.shape)
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4 or array.shape[1:] != self.image_shape:
             raise ServeError(
-                f"{what} have shape {list(array.shape)}; this model expects "
+                f"{what} have shape {shape}; this model expects "
                 f"[batch, {self.height}, {self.width}, {self.channels}] (or one "
                 f"[{self.height}, {self.width}, {self.channels}] image)."
             )

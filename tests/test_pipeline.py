@@ -1,4 +1,4 @@
-"""The whole pipeline (supernet -> mask -> finetune) and its baselines, from the command line."""
+"""The whole pipeline (supernet -> mask -> finetune -> export) and its baselines, from the CLI."""
 
 import csv
 import json
@@ -105,6 +105,38 @@ def test_the_whole_pipeline_writes_the_table_3_report(pipeline):
     assert "searched network" in result.stdout and "fine-tuned" in result.stdout
 
 
+def test_the_pipeline_ends_with_exported_models_and_pictures(pipeline):
+    from hmnas_keras.serve import Classifier
+
+    workdir, result = pipeline
+    export = load(workdir, "export", "summary.json")
+    for name in ("model.keras", "model.onnx", "metadata.json", "saved_model/saved_model.pb"):
+        assert os.path.getsize(os.path.join(workdir, "export", name)) > 0, name
+    parity = export["parity_max_abs_error"]
+    assert parity["compact_vs_searched"]["real"] <= 1e-5
+    assert max(max(parity[k].values()) for k in ("keras_file", "saved_model", "onnx")) <= 1e-4
+    architecture = load(workdir, "architecture.json")
+    counts = export["parameters"]
+    assert {k: counts[k] for k in ("dense", "nonzero")} == architecture["parameters"]["searched"]
+    assert export["flops"] == architecture["flops"]["searched"]
+    report = load(workdir, "report.json")
+    assert report["export"] == export
+    assert "pictures/cell_normal.png" not in report["pictures"]  # 2 cells: both reduce
+    assert {"pictures/cell_reduce.png", "pictures/edge_weights.png"} <= set(report["pictures"])
+    assert "Parity (max |logit difference|)" in result.stdout
+    # The ONNX model, fed raw test pixels and normalising them with its own metadata,
+    # reaches the fine-tuned network's test accuracy.
+    from hmnas_keras.config import read_config
+    from hmnas_keras.data import make_search_data
+
+    config = read_config(workdir)
+    data = make_search_data(config.data, config.seed)
+    classifier = Classifier(os.path.join(workdir, "export", "model.onnx"))
+    predictions = classifier.predict(data.test_images, top_k=1)
+    hits = [p[0]["index"] == y for p, y in zip(predictions, data.test_labels, strict=True)]
+    assert np.mean(hits) == pytest.approx(report["rows"]["finetuned"]["test_accuracy"], abs=1e-6)
+
+
 def test_darts_baseline_fine_tunes_from_the_same_supernet(pipeline, tmp_path):
     source, _ = pipeline
     workdir = str(tmp_path / "darts")
@@ -128,6 +160,8 @@ def test_darts_baseline_fine_tunes_from_the_same_supernet(pipeline, tmp_path):
     assert report["rows"]["finetuned"]["parameters"]["dense"] > 0
 
 
+# Large: the scratch path is covered by the DARTS baseline's run; this one costs ~17 s.
+@pytest.mark.large
 def test_the_hmnas_architecture_retrained_from_scratch(pipeline, tmp_path):
     source, _ = pipeline
     workdir = str(tmp_path / "scratch")
@@ -149,6 +183,8 @@ def test_the_hmnas_architecture_retrained_from_scratch(pipeline, tmp_path):
     assert "pruned_weights_zero" not in finetune
 
 
+# Large: the scratch path is covered by the DARTS baseline's run; this one costs ~17 s.
+@pytest.mark.large
 def test_a_random_architecture_from_scratch_needs_no_supernet(tmp_path):
     workdir = str(tmp_path / "random")
     result = search(
@@ -228,6 +264,7 @@ def test_killed_mask_phase_resumes_with_a_continuous_history(pipeline, tmp_path)
         (["--derivation=darts"], "leave it out of --phases"),
         (["--phases=finetune", "--architecture=a.json"], "Add --finetune_init=scratch"),
         (["--phases=mask"], "there is no checkpoint at"),
+        (["--phases=export"], "export needs a searched and fine-tuned run"),
     ],
 )
 def test_pipeline_mistakes_get_a_message_not_a_traceback(tmp_path, flags, message):
@@ -245,5 +282,6 @@ def test_resuming_a_finished_run_repeats_no_phase(pipeline):
     assert "The supernet phase already finished its 2 epochs." in result.stdout
     assert "The mask phase already finished its 2 epochs and was derived." in result.stdout
     assert "The finetune phase already finished its 2 epochs." in result.stdout
+    assert "The export phase already finished" in result.stdout
     after = load(workdir, "report.json")
     assert after["rows"] == before["rows"]
