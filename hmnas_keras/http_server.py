@@ -19,8 +19,8 @@ Endpoints (JSON responses):
 Bad requests get a 4xx with `{"error": message}` and the server keeps serving:
 400 (not an image, malformed JSON, wrong shape or type, bad top_k), 413 (body
 over --max_request_bytes, more than --max_images images), 415 (another content
-type). The model runs in a worker thread, so one slow request does not block
-health checks.
+type). Decoding and the model run in a worker thread, so a slow request does
+not block health checks.
 """
 
 import json
@@ -116,6 +116,12 @@ def create_app(
                 413, f"Too many images: {count} in one request, at most {max_images}."
             )
 
+    def run_model(inputs, top_k: int, normalized: bool):
+        # Decoding and the model both run in a worker thread, off the event loop.
+        if isinstance(inputs, list):  # (name, image file bytes) pairs
+            inputs = [classifier.decode(data, name) for name, data in inputs]
+        return classifier.predict(inputs, top_k, batch_size, normalized)
+
     async def predict(request: Request):
         try:
             top_k = top_k_of(request)
@@ -126,10 +132,9 @@ def create_app(
             if content_type == "multipart/form-data":
                 files = await _files_of_multipart(request, body, max_images)
                 check_count(len(files))
-                pixels = [classifier.decode(data, name) for name, data in files]
-                inputs, normalized = pixels, False
+                inputs, normalized = files, False
             elif content_type.startswith("image/") or content_type == "application/octet-stream":
-                inputs, normalized = [classifier.decode(body, "the request body")], False
+                inputs, normalized = [("the request body", body)], False
             elif content_type == "application/json":
                 try:
                     payload = json.loads(body)
@@ -153,9 +158,7 @@ def create_app(
                     f"Unsupported content type {content_type or '(none)'}: send "
                     "multipart/form-data with image files, one image (image/*), or JSON.",
                 )
-            predictions = await run_in_threadpool(
-                classifier.predict, inputs, top_k, batch_size, normalized
-            )
+            predictions = await run_in_threadpool(run_model, inputs, top_k, normalized)
         except RequestError as error:
             return JSONResponse({"error": error.message}, status_code=error.status)
         except ServeError as error:

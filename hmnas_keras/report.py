@@ -103,6 +103,9 @@ def build_report(config: RunConfig, workdir: str) -> dict:
     export = _read(os.path.join(workdir, EXPORT_DIR, EXPORT_SUMMARY_FILE))
     if export:
         report["export"] = export
+        report["total_wall_seconds"] = round(
+            report["total_wall_seconds"] + export["export_seconds"], 2
+        )
     pictures = os.path.join(workdir, PICTURES_DIR)
     if os.path.isdir(pictures):
         report["pictures"] = sorted(
