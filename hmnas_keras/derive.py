@@ -19,6 +19,7 @@ from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.searched import (
     SearchedNetwork,
+    assign_by_path,
     flop_counts,
     inherit_weights,
     layer_sparsity,
@@ -57,14 +58,14 @@ def build_supernet(config: RunConfig, data: SearchData, arrays: dict | None = No
     supernet = Supernet(config.search_space, data.num_classes, name="supernet")
     supernet(ops.zeros((1, *data.image_shape)), training=False)
     if arrays is not None:
-        for variable in supernet.variables:
-            path = relative_path(variable.path)
-            if path not in arrays or arrays[path].shape != tuple(variable.shape):
-                raise CheckpointError(
-                    f"The supernet checkpoint does not match this search space (variable {path}). "
-                    "Was it written with different --num_cells/--channels/--num_nodes/--ops?"
-                )
-            variable.assign(arrays[path])
+        assign_by_path(
+            supernet,
+            arrays,
+            lambda path: CheckpointError(
+                f"The supernet checkpoint does not match this search space (variable {path}). "
+                "Was it written with different --num_cells/--channels/--num_nodes/--ops?"
+            ),
+        )
     return supernet
 
 

@@ -58,7 +58,7 @@ class ExportError(ValueError):
 
 def load_finetuned_network(workdir: str):
     """(architecture, built SearchedNetwork with the fine-tuned weights) of a workdir."""
-    from hmnas_keras.searched import SearchedNetwork, relative_path
+    from hmnas_keras.searched import SearchedNetwork, assign_by_path, relative_path
 
     path = os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)
     if not os.path.exists(path):
@@ -79,14 +79,14 @@ def load_finetuned_network(workdir: str):
         ) from None
     arrays = {relative_path(p): a for p, a in arrays.items()}
     network = SearchedNetwork(architecture, name="searched").build_network()
-    for variable in network.variables:
-        key = relative_path(variable.path)
-        if key not in arrays or arrays[key].shape != tuple(variable.shape):
-            raise ExportError(
-                f"{checkpoint} does not match {arch_lib.ARCHITECTURE_FILE} (variable {key}): "
-                "was architecture.json replaced after fine-tuning?"
-            )
-        variable.assign(arrays[key])
+    assign_by_path(
+        network,
+        arrays,
+        lambda path: ExportError(
+            f"{checkpoint} does not match {arch_lib.ARCHITECTURE_FILE} (variable {path}): "
+            "was architecture.json replaced after fine-tuning?"
+        ),
+    )
     return architecture, network
 
 

@@ -11,6 +11,10 @@
 - `edge_weights.png` — softmax(β) of every edge over the supernet epochs,
   from `supernet/arch_history.jsonl` (when the run has one).
 
+Pictures number the intermediate nodes from 0, as the paper's figures do:
+picture node i is node i + 2 of architecture.json (whose 0 and 1 are the
+inputs, drawn as c_{k-2} and c_{k-1}).
+
 Only matplotlib is needed (no Graphviz binary); the `.dot` files render with
 `dot -Tpng` for those who prefer Graphviz' layout.
 """
@@ -216,49 +220,55 @@ def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> lis
     return written
 
 
+def _grouped_bars(groups: dict, tick_labels: list, title: str, xlabel, ylabel, path, width_in):
+    """One bar per (group, tick), groups side by side; saves the figure to `path`."""
+    figure, axes = plt.subplots(figsize=(width_in, 3.5))
+    width = 0.8 / len(groups)
+    for offset, (label, counts) in enumerate(groups.items()):
+        axes.bar([k + offset * width for k in range(len(counts))], counts, width=width, label=label)
+    axes.set_xticks([k + width * (len(groups) - 1) / 2 for k in range(len(tick_labels))])
+    axes.set_xticklabels(tick_labels)
+    if xlabel:
+        axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.legend()
+    axes.set_title(title)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
 def draw_incoming_edges(architecture: dict, path: str) -> str:
     """Bar chart: surviving incoming edges per intermediate node, per cell type (paper Fig. 5)."""
     cells = architecture["cells"]
     num_nodes = architecture["search_space"]["num_nodes"]
-    figure, axes = plt.subplots(figsize=(1.2 * num_nodes * len(cells) + 2, 3.5))
-    width = 0.8 / len(cells)
-    for offset, (cell_type, cell) in enumerate(cells.items()):
-        counts = [int(cell["incoming_edges"].get(str(n), 0)) for n in range(2, num_nodes + 2)]
-        xs = [n + offset * width for n in range(num_nodes)]
-        axes.bar(xs, counts, width=width, label=f"{cell_type} cell")
-    axes.set_xticks([n + width * (len(cells) - 1) / 2 for n in range(num_nodes)])
-    axes.set_xticklabels([f"node {n}" for n in range(num_nodes)])
-    axes.set_ylabel("surviving incoming edges")
-    axes.yaxis.get_major_locator().set_params(integer=True)
-    axes.legend()
-    axes.set_title("Incoming edges per node")
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    groups = {
+        f"{cell_type} cell": [
+            int(cell["incoming_edges"].get(str(n), 0)) for n in range(2, num_nodes + 2)
+        ]
+        for cell_type, cell in cells.items()
+    }
+    ticks = [f"node {n}" for n in range(num_nodes)]
+    width_in = 1.2 * num_nodes * len(cells) + 2
+    return _grouped_bars(
+        groups, ticks, "Incoming edges per node", None, "surviving incoming edges", path, width_in
+    )
 
 
 def draw_ops_per_edge(architecture: dict, path: str) -> str:
     """Histogram: surviving edges by their number of surviving ops, per cell type (paper Fig. 6)."""
-    cells = architecture["cells"]
     num_ops = len(architecture["search_space"]["op_names"])
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / len(cells)
-    for offset, (cell_type, cell) in enumerate(cells.items()):
+    groups = {}
+    for cell_type, cell in architecture["cells"].items():
         counts = [0] * num_ops
         for edge in cell["edges"]:
             counts[len(edge["ops"]) - 1] += 1
-        xs = [k + 1 + offset * width for k in range(num_ops)]
-        axes.bar(xs, counts, width=width, label=f"{cell_type} cell")
-    axes.set_xticks([k + 1 + width * (len(cells) - 1) / 2 for k in range(num_ops)])
-    axes.set_xticklabels([str(k + 1) for k in range(num_ops)])
-    axes.set_xlabel("ops on the edge")
-    axes.set_ylabel("edges")
-    axes.yaxis.get_major_locator().set_params(integer=True)
-    axes.legend()
-    axes.set_title("Edges by number of ops")
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return path
+        groups[f"{cell_type} cell"] = counts
+    ticks = [str(k + 1) for k in range(num_ops)]
+    return _grouped_bars(
+        groups, ticks, "Edges by number of ops", "ops on the edge", "edges", path, 6
+    )
 
 
 def read_arch_history(path: str) -> list[dict]:

@@ -113,6 +113,20 @@ def to_searched(architecture: dict, arrays: dict) -> dict:
     return result
 
 
+def assign_by_path(model, arrays: dict, mismatch) -> None:
+    """Assigns every variable of the built `model` from `arrays` ({relative path: array}).
+
+    `mismatch(path)` makes the exception raised, before anything is assigned,
+    for the first variable that has no array or an array of another shape.
+    """
+    for variable in model.variables:
+        path = relative_path(variable.path)
+        if path not in arrays or arrays[path].shape != tuple(variable.shape):
+            raise mismatch(path)
+    for variable in model.variables:
+        variable.assign(arrays[relative_path(variable.path)])
+
+
 def inherit_weights(network: SearchedNetwork, architecture: dict, supernet_arrays: dict):
     """Sets every variable of the built `network` from the supernet's ({relative path: array}).
 
