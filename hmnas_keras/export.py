@@ -326,6 +326,13 @@ def export_workdir(
     model = compact_model(network)
     export_dir = os.path.join(workdir, EXPORT_DIR)
     os.makedirs(export_dir, exist_ok=True)
+    for name in os.listdir(export_dir):  # leftovers of an interrupted export
+        if ".tmp-" in name:
+            leftover = os.path.join(export_dir, name)
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+            else:
+                os.remove(leftover)
     metadata = model_metadata(architecture, mean, std)
     paths = {
         "keras_file": os.path.join(export_dir, KERAS_FILE),
