@@ -153,6 +153,10 @@ class Classifier:
     def logits(self, inputs, batch_size: int = 64) -> np.ndarray:
         """Normalised inputs [N, H, W, C] -> logits [N, classes], `batch_size` at a time."""
         inputs = self.check_batch(inputs, "inputs").astype("float32")
+        if not np.isfinite(inputs).all():
+            raise ServeError(
+                "The inputs hold NaN or infinite values (or values beyond float32's range)."
+            )
         outputs = [
             self.session.run([self.output_name], {self.input_name: inputs[i : i + batch_size]})[0]
             for i in range(0, len(inputs), batch_size)

@@ -273,6 +273,12 @@ def test_http_bad_requests_get_4xx_and_the_server_keeps_serving(server, image_fo
         ),
         (json.dumps({"pixels": [[1, 2], [3]]}).encode(), "application/json", 400, "rectangular"),
         (b"{not json", "application/json", 400, "Malformed JSON"),
+        (
+            json.dumps({"pixels": np.full((8, 8, 3), 1e39).tolist()}).encode(),
+            "application/json",
+            400,
+            "infinite",
+        ),
         (json.dumps({"images": []}).encode(), "application/json", 400, "exactly one of"),
         (b"x" * 30000, "image/png", 413, "limit"),
         (*multipart([(f"{i}.png", image) for i in range(4)]), 413, "Too many images"),
