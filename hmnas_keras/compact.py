@@ -21,6 +21,8 @@ In inference mode its output equals the searched network's up to float
 rounding (the scale is applied inside BN instead of after it).
 """
 
+import itertools
+
 import keras
 import numpy as np
 from keras import ops
@@ -45,6 +47,7 @@ class _Builder:
         self.assignments = []  # (layer, [arrays]) set once the model is built
         self.folded = set()  # names of BatchNormalization layers that carry a folded scale
         self._relu = {}
+        self._pooled = {}
 
     def relu(self, x):
         # One ReLU per tensor, named after the layer that made it: every op
@@ -120,6 +123,34 @@ class _Builder:
         x = self.pointwise(source.pointwise_2, x, f"{name}.pointwise_2")
         return self.batch_norm(source.bn_2, x, f"{name}.bn_2", scale)
 
+    def pool(self, source, x, name, scale):
+        # The pooling itself is shared by the edges leaving one node; each edge has its BN.
+        key = (id(x), source.kind, source.stride)
+        if key not in self._pooled:
+            pool_class = {"max": keras.layers.MaxPooling2D, "avg": keras.layers.AveragePooling2D}
+            pooled = pool_class[source.kind](
+                3,
+                strides=source.stride,
+                padding="same",
+                name=f"{x._keras_history[0].name}.{source.kind}_pool_s{source.stride}",
+            )
+            self._pooled[key] = (x, pooled(x))
+        return self.batch_norm(source.bn, self._pooled[key][1], f"{name}.bn", scale)
+
+    def op(self, source, x, name, scale):
+        """Candidate operation `source` (a layer of the searched network) scaled by `scale`."""
+        if isinstance(source, SepConv):
+            return self.sep_conv(source, x, name, scale)
+        if isinstance(source, DilConv):
+            return self.dil_conv(source, x, name, scale)
+        if isinstance(source, FactorizedReduce):
+            return self.factorized_reduce(source, x, name, scale)
+        if isinstance(source, Pool):
+            return self.pool(source, x, name, scale)
+        if isinstance(source, Identity):
+            return keras.layers.Rescaling(scale, name=f"{name}.scale")(x)
+        raise TypeError(f"No compact form for {name} ({type(source).__name__}).")
+
     def dil_conv(self, source, x, name, scale):
         x = self.relu(x)
         if source.stride == 2:
@@ -143,53 +174,21 @@ def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str
             nodes[0] = builder.relu_conv_bn(cell.preprocess_0, s0, f"{prefix}.preprocess_0")
     if cell.preprocess_1 is not None:
         nodes[1] = builder.relu_conv_bn(cell.preprocess_1, s1, f"{prefix}.preprocess_1")
-    pooled = {}
-    terms = []
-    edges = list(zip(cell.genotype, cell.edge_ops, strict=True))
     # Edges come sorted by target: a node is complete before an edge reads it.
-    for position, ((source, target, names), mixed_op) in enumerate(edges):
-        index = edge_index(source, target)
-        x = nodes[source]
-        for op_name in names:
-            scale = float(edge_weights[index]) * float(
-                op_weights[index, cell.op_names.index(op_name)]
-            )
-            name = f"{prefix}.edge_{source}_{target}.{op_name}"
-            layer = mixed_op.candidates.get(op_name) or cell.source_ops[source][op_name]
-            if isinstance(layer, SepConv):
-                out = builder.sep_conv(layer, x, name, scale)
-            elif isinstance(layer, DilConv):
-                out = builder.dil_conv(layer, x, name, scale)
-            elif isinstance(layer, FactorizedReduce):
-                out = builder.factorized_reduce(layer, x, name, scale)
-            elif isinstance(layer, Pool):
-                key = (source, layer.kind)
-                if key not in pooled:
-                    pool_class = {
-                        "max": keras.layers.MaxPooling2D,
-                        "avg": keras.layers.AveragePooling2D,
-                    }[layer.kind]
-                    pooled[key] = pool_class(
-                        3,
-                        strides=layer.stride,
-                        padding="same",
-                        name=f"{prefix}.node_{source}_{op_name}",
-                    )(x)
-                out = builder.batch_norm(layer.bn, pooled[key], f"{name}.bn", scale)
-            elif isinstance(layer, Identity):
-                out = keras.layers.Rescaling(scale, name=f"{name}.scale")(x)
-            else:
-                raise TypeError(
-                    f"No compact form for operation {op_name} ({type(layer).__name__})."
-                )
-            terms.append(out)
-        if position + 1 == len(edges) or edges[position + 1][0][1] != target:
-            nodes[target] = (
-                keras.layers.Add(name=f"{prefix}.node_{target}")(terms)
-                if len(terms) > 1
-                else terms[0]
-            )
-            terms = []
+    edges = zip(cell.genotype, cell.edge_ops, strict=True)
+    for target, incoming in itertools.groupby(edges, key=lambda edge: edge[0][1]):
+        terms = []
+        for (source, _, names), mixed_op in incoming:
+            index = edge_index(source, target)
+            for op_name in names:
+                op_weight = op_weights[index, cell.op_names.index(op_name)]
+                scale = float(edge_weights[index]) * float(op_weight)
+                layer = mixed_op.candidates.get(op_name) or cell.source_ops[source][op_name]
+                name = f"{prefix}.edge_{source}_{target}.{op_name}"
+                terms.append(builder.op(layer, nodes[source], name, scale))
+        nodes[target] = (
+            keras.layers.Add(name=f"{prefix}.node_{target}")(terms) if len(terms) > 1 else terms[0]
+        )
     outputs = [nodes[node] for node in cell.alive_nodes]
     if len(outputs) == 1:
         return outputs[0]

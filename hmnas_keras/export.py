@@ -1,6 +1,7 @@
 """The export phase: the compact model as `.keras`, SavedModel and ONNX (DESIGN.md §3).
 
-`run_export` reads WORKDIR/architecture.json and the fine-tuned weights
+`export_workdir` (the pipeline's `run_export_phase`, and `tools/export_model.py`)
+reads WORKDIR/architecture.json and the fine-tuned weights
 (WORKDIR/finetune/checkpoint.npz), builds the compact model
 (`hmnas_keras.compact`), checks that it equals the searched network, and
 writes under WORKDIR/export/:
@@ -46,10 +47,10 @@ METADATA_FILE = "metadata.json"
 SUMMARY_FILE = "summary.json"
 FINETUNE_CHECKPOINT = os.path.join("finetune", "checkpoint.npz")
 ONNX_OPSET = 17
-# The batch sizes every export is checked at, and those latency/throughput are measured at.
-PARITY_BATCH_SIZES = (1, 64)
+# Latency and throughput are measured at these batch sizes; every export is checked at both.
 LATENCY_BATCH_SIZE = 1
 THROUGHPUT_BATCH_SIZE = 64
+PARITY_BATCH_SIZES = (LATENCY_BATCH_SIZE, THROUGHPUT_BATCH_SIZE)
 
 
 class ExportError(ValueError):
@@ -278,30 +279,31 @@ def measure_speed(model, onnx_path: str, image_shape, repeats: int = 30) -> dict
     rng = np.random.default_rng(1)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     keras_fn = _serve_function(model)
-    result = {"repeats": repeats}
-    for batch_size, key in ((LATENCY_BATCH_SIZE, "latency"), (THROUGHPUT_BATCH_SIZE, "throughput")):
+
+    def seconds(batch_size: int, count: int) -> dict:
         batch = rng.normal(size=(batch_size, *image_shape)).astype("float32")
         tensor = tf.constant(batch)
-        count = repeats if batch_size == 1 else max(3, repeats // 5)
-        seconds = {
-            "keras": _median_seconds(
-                lambda tensor=tensor: keras_fn(tensor)[OUTPUT_NAME].numpy(), count
-            ),
+        return {
+            "keras": _median_seconds(lambda: keras_fn(tensor)[OUTPUT_NAME].numpy(), count),
             "onnxruntime": _median_seconds(
-                lambda batch=batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), count
+                lambda: session.run([OUTPUT_NAME], {INPUT_NAME: batch}), count
             ),
         }
-        if key == "latency":
-            result["latency_ms_batch_1"] = {k: round(v * 1e3, 3) for k, v in seconds.items()}
-        else:
-            result[f"throughput_images_per_s_batch_{batch_size}"] = {
-                k: round(batch_size / v, 1) for k, v in seconds.items()
-            }
-    latency = result["latency_ms_batch_1"]
-    throughput = result[f"throughput_images_per_s_batch_{THROUGHPUT_BATCH_SIZE}"]
-    result["onnxruntime_speedup"] = {
-        "latency": round(latency["keras"] / latency["onnxruntime"], 2),
-        "throughput": round(throughput["onnxruntime"] / throughput["keras"], 2),
+
+    latency = seconds(LATENCY_BATCH_SIZE, repeats)
+    throughput = seconds(THROUGHPUT_BATCH_SIZE, max(3, repeats // 5))
+    result = {
+        "repeats": repeats,
+        f"latency_ms_batch_{LATENCY_BATCH_SIZE}": {
+            k: round(v * 1e3, 3) for k, v in latency.items()
+        },
+        f"throughput_images_per_s_batch_{THROUGHPUT_BATCH_SIZE}": {
+            k: round(THROUGHPUT_BATCH_SIZE / v, 1) for k, v in throughput.items()
+        },
+        "onnxruntime_speedup": {
+            "latency": round(latency["keras"] / latency["onnxruntime"], 2),
+            "throughput": round(throughput["keras"] / throughput["onnxruntime"], 2),
+        },
     }
     return result
 

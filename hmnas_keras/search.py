@@ -374,7 +374,6 @@ def run(config: RunConfig, workdir: str) -> dict:
         from hmnas_keras.finetune_phase import run_finetune_phase
 
         prepare_architecture(config, data, workdir)
-        draw_pictures(workdir)
         summary = run_finetune_phase(config, data, workdir, strategy)
         print(
             f"Fine-tuning: test accuracy {summary['test_accuracy']:.4f}, "

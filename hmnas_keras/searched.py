@@ -133,20 +133,19 @@ def inherit_weights(network: SearchedNetwork, architecture: dict, supernet_array
     Raises ArchitectureError if a variable has no counterpart or a different shape.
     """
     arrays = to_searched(architecture, supernet_arrays)
-    for variable in network.variables:
-        path = relative_path(variable.path)
+
+    def mismatch(path):
         if path not in arrays:
-            raise ArchitectureError(
+            return ArchitectureError(
                 f"The supernet has no variable {path}: was the architecture derived from a "
                 "supernet with this search space?"
             )
-        value = arrays[path]
-        if value.shape != tuple(variable.shape):
-            raise ArchitectureError(
-                f"Supernet variable {path} has shape {value.shape}; the searched network needs "
-                f"{tuple(variable.shape)}."
-            )
-        variable.assign(value)
+        return ArchitectureError(
+            f"Supernet variable {path} has shape {arrays[path].shape}, which the searched "
+            "network's does not match."
+        )
+
+    assign_by_path(network, arrays, mismatch)
 
 
 def parameter_counts(variables) -> dict:

@@ -200,20 +200,20 @@ class Classifier:
         """Top-k classes of each image file: [{"path", "predictions"}] or {"path", "error"}."""
         results = []
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            pixels, readable = [], []
-            for path in chunk:
+            loaded = []
+            for path in paths[start : start + batch_size]:
                 try:
-                    pixels.append(self.load_image(path))
-                    readable.append(path)
+                    loaded.append((path, self.load_image(path)))
                 except ServeError as error:
-                    results.append({"path": path, "error": str(error)})
-            if readable:
-                predictions = self.predict(np.stack(pixels), top_k, batch_size)
-                for path, prediction in zip(readable, predictions, strict=True):
-                    results.append({"path": path, "predictions": prediction})
-        order = {path: i for i, path in enumerate(paths)}
-        return sorted(results, key=lambda r: order[r["path"]])
+                    loaded.append((path, error))
+            pixels = [item for _, item in loaded if not isinstance(item, ServeError)]
+            predictions = iter(self.predict(np.stack(pixels), top_k, batch_size) if pixels else [])
+            for path, item in loaded:
+                if isinstance(item, ServeError):
+                    results.append({"path": path, "error": str(item)})
+                else:
+                    results.append({"path": path, "predictions": next(predictions)})
+        return results
 
 
 def find_images(paths) -> list[str]:

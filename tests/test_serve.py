@@ -90,6 +90,15 @@ def test_classifier_predicts_like_keras_and_reads_its_metadata(exported_workdir,
     by_file = classifier.predict_files(paths, top_k=1)
     assert [r["path"] for r in by_file] == paths
     assert [r["predictions"][0]["index"] for r in by_file] == list(expected.argmax(axis=1))
+    # An unreadable file keeps its place, with its error, among the readable ones.
+    bad = str(image_folder[0] / "notes.txt")
+    mixed = classifier.predict_files([paths[1], bad, paths[0]], top_k=1, batch_size=2)
+    assert [r["path"] for r in mixed] == [paths[1], bad, paths[0]]
+    assert "not an image file" in mixed[1]["error"] and "predictions" not in mixed[1]
+    assert [mixed[0]["predictions"], mixed[2]["predictions"]] == [
+        by_file[1]["predictions"],
+        by_file[0]["predictions"],
+    ]
     # Already normalised inputs skip the preprocessing.
     normalized = real_images(4)
     np.testing.assert_allclose(
