@@ -71,13 +71,37 @@ def restore_checkpoint(path: str, variables: list) -> dict:
         return json.loads(str(archive["__state__"]))
 
 
-def read_arrays(path: str, prefix: str = "") -> dict:
-    """{variable path: array} of a checkpoint's variables whose path starts with `prefix`."""
+def relative_path(path: str) -> str:
+    """A variable path without the model's name: 'supernet/cell_0/...' -> 'cell_0/...'."""
+    return path.split("/", 1)[1]
+
+
+def read_model_arrays(path: str, model_name: str) -> dict:
+    """{relative path: array} of the variables of the model named `model_name` in a checkpoint."""
     if not os.path.exists(path):
         raise CheckpointError(f"No checkpoint at {path}.")
+    prefix = f"{model_name}/"
     with np.load(path) as archive:
         paths = json.loads(str(archive["__paths__"]))
-        return {p: archive[f"v{i:05d}"] for i, p in enumerate(paths) if p.startswith(prefix)}
+        return {
+            relative_path(p): archive[f"v{i:05d}"]
+            for i, p in enumerate(paths)
+            if p.startswith(prefix)
+        }
+
+
+def assign_by_path(model, arrays: dict, mismatch) -> None:
+    """Assigns every variable of the built `model` from `arrays` ({relative path: array}).
+
+    `mismatch(path)` makes the exception raised, before anything is assigned,
+    for the first variable that has no array or an array of another shape.
+    """
+    for variable in model.variables:
+        path = relative_path(variable.path)
+        if path not in arrays or arrays[path].shape != tuple(variable.shape):
+            raise mismatch(path)
+    for variable in model.variables:
+        variable.assign(arrays[relative_path(variable.path)])
 
 
 def write_json(path: str, value) -> None:

@@ -1,19 +1,59 @@
-"""The resolved configuration of a run: frozen dataclasses, written to the workdir as JSON."""
+"""The resolved configuration of a run: frozen dataclasses, written to the workdir as JSON.
+
+Plain data with no dependencies beyond the standard library and numpy:
+importing it does not import TensorFlow or Keras (a test checks that), so a
+tool can read a run's `config.json` cheaply.
+"""
 
 import dataclasses
-import json
-import os
 
-from hmnas_keras.bilevel import SCHEDULES
-from hmnas_keras.checkpoint import write_json
-from hmnas_keras.data import DataConfig
-from hmnas_keras.supernet import SearchSpace
+from hmnas_keras.architecture.derivation import DERIVATIONS
+from hmnas_keras.space.search_space import SearchSpace
+from hmnas_keras.training.arch_step import SCHEDULES
 
 PHASES = ("supernet", "mask", "finetune", "export")
-DERIVATIONS = ("masks", "darts", "random")
 FINETUNE_INITS = ("inherited", "scratch")
 STRATEGIES = ("default", "mirrored")
-CONFIG_FILE = "config.json"
+
+
+class DataError(ValueError):
+    """A dataset could not be loaded; the message says what is wrong and how to fix it."""
+
+
+def _check_epochs(section: str, epochs: int) -> None:
+    if epochs < 1:
+        raise ValueError(
+            f"Received an invalid {section} epochs, expected >= 1. Received: epochs={epochs}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is split, augmented and batched."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    tfds_data_dir: str | None = None
+    image_size: int | None = None
+    arch_fraction: float = 0.2
+    class_subset: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    batch_size: int = 64
+    augment: bool = True
+    crop_padding: int = 4
+    cutout_size: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.arch_fraction < 1.0:
+            raise DataError(
+                "Received an invalid arch_fraction, expected a fraction strictly between 0 and 1. "
+                f"Received: arch_fraction={self.arch_fraction}"
+            )
+        if self.batch_size < 1:
+            raise DataError(
+                f"Received an invalid batch_size, expected >= 1. Received: {self.batch_size}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +81,7 @@ class SupernetConfig:
     checkpoint_every_steps: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(
-                f"Received an invalid epochs, expected >= 1. Received: epochs={self.epochs}"
-            )
+        _check_epochs("supernet", self.epochs)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
                 "Received an invalid warmup_epochs, expected an integer in [0, epochs]. "
@@ -73,10 +110,7 @@ class MaskConfig:
     checkpoint_every_steps: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(
-                f"Received an invalid mask epochs, expected >= 1. Received: epochs={self.epochs}"
-            )
+        _check_epochs("mask", self.epochs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +127,7 @@ class FinetuneConfig:
     checkpoint_every_steps: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(
-                "Received an invalid finetune epochs, expected >= 1. "
-                f"Received: epochs={self.epochs}"
-            )
+        _check_epochs("finetune", self.epochs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +185,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        space = dict(values["search_space"])
-        space["op_names"] = tuple(space["op_names"])
         return cls(
             data=DataConfig(**values["data"]),
-            search_space=SearchSpace(**space),
+            search_space=SearchSpace.from_dict(values["search_space"]),
             supernet=SupernetConfig(**values["supernet"]),
             mask=MaskConfig(**values["mask"]),
             finetune=FinetuneConfig(**values["finetune"]),
@@ -171,14 +199,3 @@ class RunConfig:
             seed=values["seed"],
             strategy=values["strategy"],
         )
-
-
-def write_config(config: RunConfig, workdir: str) -> str:
-    path = os.path.join(workdir, CONFIG_FILE)
-    write_json(path, config.to_dict())
-    return path
-
-
-def read_config(workdir: str) -> RunConfig:
-    with open(os.path.join(workdir, CONFIG_FILE)) as handle:
-        return RunConfig.from_dict(json.load(handle))

@@ -18,41 +18,10 @@ import socket
 import numpy as np
 import tensorflow as tf
 
+from hmnas_keras.config import DataConfig, DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 BUILTIN_DATASETS = ("digits", "folder")
-
-
-class DataError(ValueError):
-    """A dataset could not be loaded; the message says what is wrong and how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where the data comes from and how it is split, augmented and batched."""
-
-    dataset: str = "digits"
-    data_dir: str | None = None
-    tfds_data_dir: str | None = None
-    image_size: int | None = None
-    arch_fraction: float = 0.2
-    class_subset: int | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    batch_size: int = 64
-    augment: bool = True
-    crop_padding: int = 4
-    cutout_size: int = 0
-
-    def __post_init__(self):
-        if not 0.0 < self.arch_fraction < 1.0:
-            raise DataError(
-                "Received an invalid arch_fraction, expected a fraction strictly between 0 and 1. "
-                f"Received: arch_fraction={self.arch_fraction}"
-            )
-        if self.batch_size < 1:
-            raise DataError(
-                f"Received an invalid batch_size, expected >= 1. Received: {self.batch_size}"
-            )
 
 
 @dataclasses.dataclass
@@ -163,6 +132,39 @@ def _keep_classes(arrays: ImageArrays, names: list[str]) -> ImageArrays:
     )
 
 
+def _class_folders(split_dir: str) -> list[str]:
+    if not os.path.isdir(split_dir):
+        raise DataError(
+            f"Missing split folder {split_dir}. An image folder needs both train/ and test/, "
+            "each with one sub-folder per class."
+        )
+    names = sorted(
+        entry for entry in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, entry))
+    )
+    if not names:
+        raise DataError(
+            f"{split_dir} has no class sub-folders. "
+            f"Put each class's images in {split_dir}/<class>/."
+        )
+    return names
+
+
+def _image_files(split_dir: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """(paths, labels) of the images of `classes` (label = position in `classes`)."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(
+                f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                "Add images or remove the folder."
+            )
+        paths += [os.path.join(class_dir, f) for f in files]
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, dtype="int32")
+
+
 def load_folder_arrays(
     root: str | None, image_size: int | None = None, class_subset: int | None = None, seed: int = 0
 ) -> ImageArrays:
@@ -177,45 +179,18 @@ def load_folder_arrays(
             f"Data folder {root} does not exist. Expected ROOT/train/<class>/*.jpg and "
             "ROOT/test/<class>/*.jpg; check --data_dir."
         )
-    splits = {}
-    class_names = None
+    splits, class_names, chosen = {}, None, None
     for split in ("train", "test"):
         split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            raise DataError(
-                f"Missing split folder {split_dir}. An image folder needs both train/ and test/, "
-                "each with one sub-folder per class."
-            )
-        names = sorted(
-            entry
-            for entry in os.listdir(split_dir)
-            if os.path.isdir(os.path.join(split_dir, entry))
-        )
-        if not names:
-            raise DataError(
-                f"{split_dir} has no class sub-folders. "
-                f"Put each class's images in {split_dir}/<class>/."
-            )
+        names = _class_folders(split_dir)
         if class_names is None:
-            class_names = names
-            chosen = sample_classes(names, class_subset, seed)
+            class_names, chosen = names, sample_classes(names, class_subset, seed)
         elif names != class_names:
             raise DataError(
                 f"The class folders of test/ ({', '.join(names)}) differ from those of train/ "
                 f"({', '.join(class_names)}). Both splits need the same class sub-folders."
             )
-        paths, labels = [], []
-        for label, name in enumerate(chosen):
-            class_dir = os.path.join(split_dir, name)
-            files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not files:
-                raise DataError(
-                    f"Class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
-                    "Add images or remove the folder."
-                )
-            paths += [os.path.join(class_dir, f) for f in files]
-            labels += [label] * len(files)
-        splits[split] = (paths, np.asarray(labels, dtype="int32"))
+        splits[split] = _image_files(split_dir, chosen)
     if len(class_names) < 2:
         raise DataError(
             f"{root} has one class ({class_names[0]}); classification needs at least 2."

@@ -15,31 +15,29 @@ already holds files is refused unless --resume is given; --resume continues a
 killed run from its last checkpoint with the configuration saved in the workdir.
 """
 
+import dataclasses
 import json
 import os
 import sys
-import time
 
 from absl import app, flags, logging
 
-from hmnas_keras.bilevel import SCHEDULES
+from hmnas_keras.architecture.derivation import DERIVATIONS
 from hmnas_keras.config import (
-    CONFIG_FILE,
-    DERIVATIONS,
     FINETUNE_INITS,
     PHASES,
     STRATEGIES,
+    DataConfig,
+    DataError,
     FinetuneConfig,
     MaskConfig,
     RunConfig,
     SupernetConfig,
-    read_config,
-    write_config,
 )
-from hmnas_keras.data import DataConfig, DataError
-from hmnas_keras.operations import OP_NAMES
+from hmnas_keras.pipeline.workdir import Workdir
 from hmnas_keras.runtime import configure_tensorflow
-from hmnas_keras.supernet import SearchSpace
+from hmnas_keras.space.search_space import OP_NAMES, SearchSpace
+from hmnas_keras.training.arch_step import SCHEDULES
 
 FLAGS = flags.FLAGS
 
@@ -201,23 +199,19 @@ class UsageError(ValueError):
     """A mistake in how the command was called."""
 
 
+def _section(cls, prefix: str = ""):
+    """The config section `cls` from the flags: field F is --{prefix}F if it exists, else --F."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        name = prefix + field.name if prefix + field.name in FLAGS else field.name
+        values[field.name] = FLAGS[name].value
+    return cls(**values)
+
+
 def config_from_flags() -> RunConfig:
     """Turns the flags into the frozen run configuration."""
     return RunConfig(
-        data=DataConfig(
-            dataset=FLAGS.dataset,
-            data_dir=FLAGS.data_dir,
-            tfds_data_dir=FLAGS.tfds_data_dir,
-            image_size=FLAGS.image_size,
-            arch_fraction=FLAGS.arch_fraction,
-            class_subset=FLAGS.class_subset,
-            train_subset=FLAGS.train_subset,
-            test_subset=FLAGS.test_subset,
-            batch_size=FLAGS.batch_size,
-            augment=FLAGS.augment,
-            crop_padding=FLAGS.crop_padding,
-            cutout_size=FLAGS.cutout_size,
-        ),
+        data=_section(DataConfig),
         search_space=SearchSpace(
             num_cells=FLAGS.num_cells,
             channels=FLAGS.channels,
@@ -225,45 +219,9 @@ def config_from_flags() -> RunConfig:
             op_names=tuple(FLAGS.ops),
             multi_level=FLAGS.multi_level,
         ),
-        supernet=SupernetConfig(
-            epochs=FLAGS.supernet_epochs,
-            warmup_epochs=FLAGS.warmup_epochs,
-            learning_rate=FLAGS.learning_rate,
-            learning_rate_min=FLAGS.learning_rate_min,
-            momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay,
-            grad_clip_norm=FLAGS.grad_clip_norm,
-            arch_learning_rate=FLAGS.arch_learning_rate,
-            arch_beta_1=FLAGS.arch_beta_1,
-            arch_weight_decay=FLAGS.arch_weight_decay,
-            second_order=FLAGS.second_order,
-            arch_step_schedule=FLAGS.arch_step_schedule,
-            arch_step_final_prob=FLAGS.arch_step_final_prob,
-            arch_step_decay_epochs=FLAGS.arch_step_decay_epochs,
-            test_every=FLAGS.test_every,
-            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        ),
-        mask=MaskConfig(
-            epochs=FLAGS.mask_epochs,
-            weight_learning_rate=FLAGS.mask_weight_learning_rate,
-            arch_learning_rate=FLAGS.mask_arch_learning_rate,
-            decay_epochs=FLAGS.mask_decay_epochs,
-            decay_factor=FLAGS.mask_decay_factor,
-            initial_value=FLAGS.mask_initial_value,
-            threshold=FLAGS.mask_threshold,
-            test_every=FLAGS.test_every,
-            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        ),
-        finetune=FinetuneConfig(
-            epochs=FLAGS.finetune_epochs,
-            learning_rate=FLAGS.finetune_learning_rate,
-            learning_rate_min=FLAGS.finetune_learning_rate_min,
-            momentum=FLAGS.momentum,
-            weight_decay=FLAGS.finetune_weight_decay,
-            grad_clip_norm=FLAGS.grad_clip_norm,
-            test_every=FLAGS.test_every,
-            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        ),
+        supernet=_section(SupernetConfig, "supernet_"),
+        mask=_section(MaskConfig, "mask_"),
+        finetune=_section(FinetuneConfig, "finetune_"),
         phases=tuple(FLAGS.phases),
         derivation=FLAGS.derivation,
         finetune_init=FLAGS.finetune_init,
@@ -274,37 +232,36 @@ def config_from_flags() -> RunConfig:
     )
 
 
-def prepare_workdir(workdir: str, resume: bool) -> RunConfig:
+def prepare_workdir(root: str, resume: bool) -> RunConfig:
     """Checks the workdir, writes or reads config.json, returns the run configuration."""
-    config_path = os.path.join(workdir, CONFIG_FILE)
+    workdir = Workdir(root)
     if resume:
-        if not os.path.exists(config_path):
+        if not os.path.exists(workdir.config):
             raise UsageError(
-                f"--resume: {workdir} holds no {CONFIG_FILE}, so there is no run to resume. "
+                f"--resume: {root} holds no {Workdir.CONFIG}, so there is no run to resume. "
                 "Start a new run without --resume."
             )
-        saved = read_config(workdir)
+        saved = workdir.read_config()
         changed = _changed_flags(saved)
         if changed:
             logging.warning(
                 "--resume uses the configuration saved in %s; ignoring flags that differ: %s",
-                config_path,
+                workdir.config,
                 ", ".join(changed),
             )
         return saved
     # A workdir holding only config.json is a run that failed before training
     # (bad data flags, say): starting again there overwrites nothing of value.
-    if os.path.isdir(workdir) and set(os.listdir(workdir)) - {CONFIG_FILE}:
+    if workdir.has_run():
         raise UsageError(
-            f"Workdir {workdir} is not empty. Pass --resume to continue the run in it, or choose "
+            f"Workdir {root} is not empty. Pass --resume to continue the run in it, or choose "
             "a new --workdir (nothing was overwritten)."
         )
     try:
         config = config_from_flags()
     except ValueError as error:
         raise UsageError(str(error)) from None
-    os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
+    workdir.write_config(config)
     return config
 
 
@@ -328,139 +285,22 @@ def _changed_flags(saved: RunConfig) -> list[str]:
     return changed
 
 
-def make_strategy(name: str):
-    import tensorflow as tf
-
-    if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.get_strategy()
-
-
-def run(config: RunConfig, workdir: str) -> dict:
-    """Runs the configured phases in `workdir`; returns the report."""
-    from hmnas_keras.data import describe, make_search_data
-    from hmnas_keras.report import write_report
-
-    started = time.monotonic()
-    data = make_search_data(config.data, config.seed)
-    print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
-    strategy = make_strategy(config.strategy)
-    print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s)")
-    if "supernet" in config.phases:
-        from hmnas_keras.supernet_phase import run_supernet_phase
-
-        summary = run_supernet_phase(config, data, workdir, strategy).summary
-        print(
-            f"Supernet: test accuracy {summary['test_accuracy']:.4f}, "
-            f"{summary['weight_parameters']:,} weights, {summary['wall_seconds']:.0f} s. "
-            f"Outputs in {os.path.join(workdir, 'supernet')}"
-        )
-    if "mask" in config.phases:
-        from hmnas_keras.mask_phase import run_mask_phase
-
-        summary = run_mask_phase(config, data, workdir, strategy)
-        alive = summary["alive"]
-        print(
-            f"Masking: masked supernet test accuracy {summary['test_accuracy']:.4f}; kept "
-            f"{alive['ops']}/{alive['ops_total']} ops, {alive['edges']}/{alive['edges_total']} "
-            f"edges, {alive['nodes']}/{alive['nodes_total']} nodes, "
-            f"{alive['weights']:,}/{alive['weights_total']:,} weights; "
-            f"{summary['wall_seconds']:.0f} s. Architecture in "
-            f"{os.path.join(workdir, 'architecture.json')}"
-        )
-    if "finetune" in config.phases:
-        from hmnas_keras.finetune_phase import run_finetune_phase
-
-        prepare_architecture(config, data, workdir)
-        summary = run_finetune_phase(config, data, workdir, strategy)
-        print(
-            f"Fine-tuning: test accuracy {summary['test_accuracy']:.4f}, "
-            f"{summary['parameters']['nonzero']:,} non-zero parameters, "
-            f"{summary['wall_seconds']:.0f} s. Outputs in {os.path.join(workdir, 'finetune')}"
-        )
-    if "export" in config.phases:
-        from hmnas_keras.export import format_summary, run_export_phase
-
-        summary = run_export_phase(config, data, workdir)
-        print(format_summary(summary))
-        print(f"Exported models in {os.path.join(workdir, 'export')}")
-    draw_pictures(workdir)
-    report, text = write_report(config, workdir)
-    print(text)
-    print(f"Report: {os.path.join(workdir, 'report.json')}")
-    return report
-
-
-def draw_pictures(workdir: str) -> None:
-    """Draws the cells and search statistics into WORKDIR/pictures/ (given an architecture)."""
-    from hmnas_keras import architecture as arch_lib
-    from hmnas_keras.pictures import PICTURES_DIR, draw_workdir
-
-    if os.path.exists(os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)):
-        written = draw_workdir(workdir)
-        print(f"Pictures: {len(written)} files in {os.path.join(workdir, PICTURES_DIR)}")
-
-
-def prepare_architecture(config: RunConfig, data, workdir: str) -> None:
-    """Makes sure WORKDIR/architecture.json exists before fine-tuning (deriving it if needed)."""
-    from hmnas_keras import architecture as arch_lib
-    from hmnas_keras.derive import (
-        build_supernet,
-        derive_architecture,
-        load_supernet_arrays,
-        supernet_checkpoint_path,
-        write_searched_summary,
-    )
-
-    path = os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)
-    if os.path.exists(path):
-        return
-    if config.architecture:
-        architecture = arch_lib.read_architecture(config.architecture)
-        architecture["weight_masks"] = None  # trained from scratch: dense weights
-        arch_lib.write_architecture(architecture, path)
-        return
-    if config.derivation == "masks":
-        raise UsageError(
-            f"{workdir} has no architecture.json to fine-tune: --derivation=masks derives it in "
-            "the mask phase. Add mask to --phases (after supernet), or use "
-            "--derivation=darts/random."
-        )
-    started = time.monotonic()
-    needs_supernet = config.derivation == "darts" or config.finetune_init == "inherited"
-    arrays = (
-        load_supernet_arrays(supernet_checkpoint_path(config, workdir)) if needs_supernet else None
-    )
-    inherited = config.finetune_init == "inherited"
-    supernet = build_supernet(config, data, arrays)
-    architecture, network = derive_architecture(config, data, workdir, supernet, inherit=inherited)
-    write_searched_summary(
-        workdir, architecture, network, data, inherited, time.monotonic() - started
-    )
-    counts = architecture["counts"]
-    print(
-        f"Derived a {config.derivation} architecture: {counts['ops']} ops, {counts['edges']} "
-        f"edges, {counts['nodes']} nodes. Written to {path}"
-    )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory for the run's outputs.")
-    from hmnas_keras.architecture import ArchitectureError
+    from hmnas_keras.architecture.architecture_json import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
-    from hmnas_keras.export import ExportError
-    from hmnas_keras.phase import TrainingDiverged
+    from hmnas_keras.export.formats import ExportError
+    from hmnas_keras.pipeline.phase import TrainingDiverged
+    from hmnas_keras.pipeline.run import run
 
     logging.set_verbosity(logging.WARNING)  # tf2onnx logs every conversion step at INFO
     try:
         configure_tensorflow(FLAGS.threads, FLAGS.logical_cpus)
         config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
-        run(config, FLAGS.workdir)
+        run(config, Workdir.of_run(FLAGS.workdir, config))
     except (
         UsageError,
         DataError,

@@ -30,7 +30,7 @@ EXPORT_CLASSES = ["cat", "dog", "ship"]
 
 def export_masks():
     """Masks of a 3-node cell: node 2 dead (its only edge masked), multi-op edges, one pruned op."""
-    from hmnas_keras.supernet import edge_index
+    from hmnas_keras.space.search_space import edge_index
 
     alpha = np.ones((9, len(EXPORT_OPS)), dtype=bool)
     beta = np.ones(9, dtype=bool)
@@ -44,9 +44,11 @@ def searched_network(image_shape=(8, 8, 3), seed=0, class_names=EXPORT_CLASSES):
     """(architecture, SearchedNetwork) with random weights: kernels 30% zeros, BN statistics set."""
     import keras
 
-    from hmnas_keras import architecture as arch_lib
-    from hmnas_keras.searched import SearchedNetwork, flop_counts, parameter_counts
-    from hmnas_keras.supernet import SearchSpace
+    from hmnas_keras.architecture import architecture_json as arch_json
+    from hmnas_keras.architecture.counting import flop_counts, parameter_counts
+    from hmnas_keras.architecture.derivation import derive_cell
+    from hmnas_keras.architecture.searched_network import SearchedNetwork
+    from hmnas_keras.space.search_space import SearchSpace
 
     space = SearchSpace(num_cells=3, channels=4, num_nodes=3, op_names=EXPORT_OPS)
     rng = np.random.default_rng(seed)
@@ -55,10 +57,10 @@ def searched_network(image_shape=(8, 8, 3), seed=0, class_names=EXPORT_CLASSES):
     for cell_type in space.present_cell_types:
         op_weights = rng.dirichlet(np.ones(len(EXPORT_OPS)), size=9)
         edge_weights = rng.uniform(0.1, 0.9, size=9)
-        cells[cell_type] = arch_lib.derive_cell(
+        cells[cell_type] = derive_cell(
             EXPORT_OPS, 3, op_weights * alpha, edge_weights * beta, alpha, beta
         )
-    architecture = arch_lib.new_architecture(
+    architecture = arch_json.new_architecture(
         "masks", space, len(class_names), image_shape, class_names, cells
     )
     architecture["degenerate"] = None
@@ -74,7 +76,7 @@ def searched_network(image_shape=(8, 8, 3), seed=0, class_names=EXPORT_CLASSES):
             value = rng.normal(0.0, 0.5, shape) * (rng.random(shape) >= 0.3)
         variable.assign(value.astype("float32"))
     architecture["parameters"] = {"searched": parameter_counts(network.trainable_variables)}
-    architecture["flops"] = {"searched": flop_counts(network, image_shape)}
+    architecture["flops"] = {"searched": flop_counts(network)}
     return architecture, network
 
 
@@ -90,18 +92,17 @@ def real_images(count=16, channels=3):
 @pytest.fixture(scope="session")
 def exported_workdir(tmp_path_factory):
     """A workdir with architecture.json, finetune/checkpoint.npz and a finished export."""
-    from hmnas_keras import architecture as arch_lib
+    from hmnas_keras.architecture import architecture_json as arch_json
     from hmnas_keras.checkpoint import save_checkpoint
-    from hmnas_keras.export import export_workdir
+    from hmnas_keras.pipeline.export_phase import export_workdir
+    from hmnas_keras.pipeline.workdir import Workdir
 
-    workdir = str(tmp_path_factory.mktemp("exported") / "run")
+    workdir = Workdir(str(tmp_path_factory.mktemp("exported") / "run"))
     architecture, network = searched_network()
-    os.makedirs(os.path.join(workdir, "finetune"))
-    arch_lib.write_architecture(architecture, os.path.join(workdir, arch_lib.ARCHITECTURE_FILE))
-    save_checkpoint(
-        os.path.join(workdir, "finetune", "checkpoint.npz"), network.variables, {"finished": True}
-    )
+    os.makedirs(workdir.finetune.directory)
+    arch_json.write_architecture(architecture, workdir.architecture)
+    save_checkpoint(workdir.finetune.checkpoint, network.variables, {"finished": True})
     summary = export_workdir(
         workdir, [0.3] * 3, [0.35] * 3, real_images(), speed_repeats=3, log=lambda *_: None
     )
-    return workdir, architecture, network, summary
+    return workdir.root, architecture, network, summary

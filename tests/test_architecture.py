@@ -1,6 +1,7 @@
 """Deriving architectures, architecture.json, the searched network and fine-tuning."""
 
 import json
+import types
 
 import keras
 import numpy as np
@@ -8,19 +9,22 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras import architecture as arch_lib
-from hmnas_keras.finetune_phase import pruned_weights_are_zero
-from hmnas_keras.masking import MaskedSearch
-from hmnas_keras.operations import MaskableConv2D, MaskableDense, PointwiseConv, count_macs
-from hmnas_keras.searched import (
-    FineTune,
+from hmnas_keras.architecture import architecture_json as arch_lib
+from hmnas_keras.architecture.baselines import darts_masks, random_masks
+from hmnas_keras.architecture.counting import flop_counts, parameter_counts
+from hmnas_keras.architecture.derivation import derive_cell
+from hmnas_keras.architecture.searched_network import (
     SearchedNetwork,
     inherit_weights,
-    parameter_counts,
-    relative_path,
     to_searched,
 )
-from hmnas_keras.supernet import SearchSpace, Supernet, edge_index
+from hmnas_keras.checkpoint import relative_path
+from hmnas_keras.pipeline.finetune_phase import pruned_weights_are_zero
+from hmnas_keras.space.maskable import MaskableConv2D, MaskableDense, PointwiseConv
+from hmnas_keras.space.search_space import SearchSpace, edge_index
+from hmnas_keras.space.supernet import Supernet
+from hmnas_keras.training.finetune import FineTune
+from hmnas_keras.training.masking import MaskedSearch
 
 OPS = ("sep_conv_3x3", "max_pool_3x3", "skip_connect")
 SPACE = SearchSpace(num_cells=3, channels=4, num_nodes=3, op_names=OPS)
@@ -45,7 +49,7 @@ def test_derivation_on_hand_set_masks():
     alpha, beta = _hand_masks()
     op_weights = np.full((9, 3), 1 / 3)
     edge_weights = np.array([0.5, 0.5, 0.2, 0.3, 0.5, 0.1, 0.2, 0.3, 0.4])
-    cell = arch_lib.derive_cell(OPS, 3, op_weights * alpha, edge_weights * beta, alpha, beta)
+    cell = derive_cell(OPS, 3, op_weights * alpha, edge_weights * beta, alpha, beta)
     assert [(e["source"], e["target"], [o["name"] for o in e["ops"]]) for e in cell["edges"]] == [
         (0, 3, ["sep_conv_3x3", "skip_connect"]),
         (1, 3, ["max_pool_3x3"]),
@@ -68,7 +72,7 @@ def test_derivation_on_hand_set_masks():
 
 def test_architecture_json_round_trip_and_errors(tmp_path):
     alpha, beta = _hand_masks()
-    cell = arch_lib.derive_cell(OPS, 3, np.full((9, 3), 0.3), np.full(9, 0.5), alpha, beta)
+    cell = derive_cell(OPS, 3, np.full((9, 3), 0.3), np.full(9, 0.5), alpha, beta)
     architecture = arch_lib.new_architecture(
         "masks", SPACE, 10, (8, 8, 3), list("abcdefghij"), {"normal": cell, "reduce": cell}
     )
@@ -100,8 +104,8 @@ def test_architecture_json_round_trip_and_errors(tmp_path):
 
 def test_a_cell_without_surviving_nodes_is_reported_not_built():
     alpha = np.zeros((9, 3), dtype=bool)
-    cell = arch_lib.derive_cell(OPS, 3, np.zeros((9, 3)), np.zeros(9), alpha)
-    ok = arch_lib.derive_cell(OPS, 3, np.ones((9, 3)), np.ones(9), ~alpha)
+    cell = derive_cell(OPS, 3, np.zeros((9, 3)), np.zeros(9), alpha)
+    ok = derive_cell(OPS, 3, np.ones((9, 3)), np.ones(9), ~alpha)
     architecture = arch_lib.new_architecture(
         "masks", SPACE, 10, (8, 8, 3), list("abcdefghij"), {"normal": ok, "reduce": cell}
     )
@@ -124,18 +128,18 @@ def test_darts_heuristic_picks_the_strongest_op_and_top_two_edges():
         ]
     )
     edge_weights = np.array([0.5, 0.5, 0.2, 0.5, 0.3])
-    alpha, beta = arch_lib.darts_masks(op_weights, edge_weights, 2, multi_level=True)
+    alpha, beta = darts_masks(op_weights, edge_weights, 2, multi_level=True)
     assert beta.tolist() == [True, True, False, True, True]
     assert alpha.argmax(axis=1).tolist() == [0, 1, 0, 2, 2] and alpha.sum() == 5
     # Single-level: β plays no part; strengths are 0.5, 0.8, 0.4 -> edges 0->3 and 1->3.
-    _, beta = arch_lib.darts_masks(op_weights, edge_weights, 2, multi_level=False)
+    _, beta = darts_masks(op_weights, edge_weights, 2, multi_level=False)
     assert beta.tolist() == [True, True, True, True, False]
 
 
 def test_random_architecture_is_darts_shaped_and_seeded():
-    first = arch_lib.random_masks(7, 4, np.random.default_rng([3, 11]))
-    again = arch_lib.random_masks(7, 4, np.random.default_rng([3, 11]))
-    other = arch_lib.random_masks(7, 4, np.random.default_rng([4, 11]))
+    first = random_masks(7, 4, np.random.default_rng([3, 11]))
+    again = random_masks(7, 4, np.random.default_rng([3, 11]))
+    other = random_masks(7, 4, np.random.default_rng([4, 11]))
     np.testing.assert_array_equal(first[0], again[0])
     assert not np.array_equal(first[0], other[0])
     alpha, beta = first
@@ -169,9 +173,7 @@ def _searched_from(supernet, masked, alpha, beta):
         masked.beta_masks[cell_type].assign(np.where(beta, 1e-2, 0.0).astype("float32"))
         op_w = ops.convert_to_numpy(supernet.op_weights(cell_type)) * alpha
         edge_w = ops.convert_to_numpy(supernet.edge_weights(cell_type)) * beta
-        cells[cell_type] = arch_lib.derive_cell(
-            OPS, space.num_nodes, op_w, edge_w, alpha, beta, digits=12
-        )
+        cells[cell_type] = derive_cell(OPS, space.num_nodes, op_w, edge_w, alpha, beta, digits=12)
     architecture = arch_lib.new_architecture("masks", space, 3, (8, 8, 3), list("abc"), cells)
     network = SearchedNetwork(architecture, name="searched").build_network()
     inherit_weights(
@@ -246,10 +248,13 @@ def test_mac_counts_of_each_kernel_layer():
     dense = MaskableDense(5)
     features = keras.layers.GlobalAveragePooling2D()(pointwise(conv(inputs)))
     model = keras.Model(inputs, dense(features))
-    macs, nonzero = count_macs(model, np.zeros((1, 8, 8, 3), "float32"))
+    model(np.zeros((1, 8, 8, 3), "float32"))
+    network = types.SimpleNamespace(name="tiny", kernel_layers=lambda: [conv, pointwise, dense])
+    counts = flop_counts(network)
+    macs = counts["macs"]
     assert macs == 8 * 8 * (3 * 3 * 3 * 4) + 4 * 4 * (4 * 6) + 6 * 5
+    assert counts["nonzero_macs"] == macs
     kernel = ops.convert_to_numpy(conv.kernel).copy()
     kernel[..., :2] = 0.0
     conv.kernel.assign(kernel)
-    _, nonzero = count_macs(model, np.zeros((1, 8, 8, 3), "float32"))
-    assert nonzero == macs - 8 * 8 * (3 * 3 * 3 * 2)
+    assert flop_counts(network)["nonzero_macs"] == macs - 8 * 8 * (3 * 3 * 3 * 2)

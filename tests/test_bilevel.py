@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hmnas_keras.bilevel import ArchStepPolicy, ArchStepSchedule, BilevelSearch
-from hmnas_keras.supernet import SearchSpace, Supernet
+from hmnas_keras.space.search_space import SearchSpace
+from hmnas_keras.space.supernet import Supernet
+from hmnas_keras.training.arch_step import ArchStepPolicy, ArchStepSchedule
+from hmnas_keras.training.bilevel import BilevelSearch
 
 OPS = ("sep_conv_3x3", "avg_pool_3x3", "skip_connect")
 SHAPE = (8, 8, 3)

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from hmnas_keras.checkpoint import CheckpointError, read_state, restore_checkpoint, save_checkpoint
-from hmnas_keras.config import RunConfig, SupernetConfig
-from hmnas_keras.data import DataConfig, make_search_data
-from hmnas_keras.supernet import SearchSpace
-from hmnas_keras.supernet_phase import build_search, state_variables
+from hmnas_keras.config import DataConfig, RunConfig, SupernetConfig
+from hmnas_keras.data import make_search_data
+from hmnas_keras.pipeline.supernet_phase import build_search
+from hmnas_keras.space.search_space import SearchSpace
 
 
 def tiny_config(**space):
@@ -24,7 +24,7 @@ def test_restore_brings_back_every_variable(tmp_path):
     data = make_search_data(config.data)
     search = build_search(config, data)
     search.fit(data.bilevel_dataset(1), epochs=1, steps_per_epoch=data.steps_per_epoch, verbose=0)
-    variables = state_variables(search)
+    variables = search.state_variables
     # Weights, α/β, BN statistics, both optimizers' slots and iterations, metric accumulators.
     assert any("moving_mean" in v.path for v in variables)
     assert any("arch_optimizer" in v.path for v in variables)
@@ -35,7 +35,7 @@ def test_restore_brings_back_every_variable(tmp_path):
     saved = [np.array(keras.ops.convert_to_numpy(v)) for v in variables]
 
     fresh = build_search(RunConfig(**{**config.__dict__, "seed": 9}), data)
-    fresh_variables = state_variables(fresh)
+    fresh_variables = fresh.state_variables
     changed = [
         not np.array_equal(keras.ops.convert_to_numpy(v), s) for v, s in zip(fresh_variables, saved)
     ]
@@ -51,9 +51,9 @@ def test_restore_into_a_different_model_is_refused(tmp_path):
     config = tiny_config()
     data = make_search_data(config.data)
     path = str(tmp_path / "ckpt.npz")
-    save_checkpoint(path, state_variables(build_search(config, data)), {})
+    save_checkpoint(path, build_search(config, data).state_variables, {})
     other = build_search(tiny_config(multi_level=False), data)
     with pytest.raises(CheckpointError, match="does not match this model.*beta"):
-        restore_checkpoint(path, state_variables(other))
+        restore_checkpoint(path, other.state_variables)
     with pytest.raises(CheckpointError, match="No checkpoint"):
         restore_checkpoint(str(tmp_path / "missing.npz"), [])

@@ -6,13 +6,8 @@ import pytest
 import tensorflow as tf
 
 from hmnas_keras import data as data_module
-from hmnas_keras.data import (
-    DataConfig,
-    DataError,
-    load_arrays,
-    load_folder_arrays,
-    make_search_data,
-)
+from hmnas_keras.config import DataConfig, DataError
+from hmnas_keras.data import load_arrays, load_folder_arrays, make_search_data
 
 
 def write_image(path, array):

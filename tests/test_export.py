@@ -12,15 +12,12 @@ import tensorflow as tf
 from conftest import EXPORT_CLASSES, real_images, searched_network
 from keras import ops
 
-from hmnas_keras.compact import compact_model, kernel_macs, parameter_counts
-from hmnas_keras.export import (
-    ONNX_OPSET,
-    ExportError,
-    format_summary,
-    load_finetuned_network,
-)
-from hmnas_keras.searched import flop_counts
-from hmnas_keras.serve import METADATA_KEY
+from hmnas_keras.architecture.counting import flop_counts
+from hmnas_keras.export.compact import compact_model, kernel_macs, parameter_counts
+from hmnas_keras.export.formats import ONNX_OPSET, ExportError
+from hmnas_keras.pipeline.export_phase import format_summary, load_finetuned_network
+from hmnas_keras.pipeline.workdir import Workdir
+from hmnas_keras.serving.metadata import METADATA_KEY
 
 STANDARD_MODULES = ("keras.src.layers.", "keras.src.models.")
 
@@ -79,7 +76,7 @@ def test_compact_model_keeps_parameters_zeros_and_flops_of_the_searched_network(
     assert {k: counts[k] for k in ("dense", "nonzero")} == architecture["parameters"]["searched"]
     assert 0 < counts["nonzero"] < counts["dense"]  # the 30% zeroed weights stayed zeros
     assert counts["folded_scales"] > 0
-    assert kernel_macs(model) == flop_counts(network, (8, 8, 1))
+    assert kernel_macs(model) == flop_counts(network)
     # Every folded scale is c = edge weight x op weight of a surviving op (all in (0, 1)).
     for layer in model.layers:
         if layer.name in model.folded_scales:
@@ -150,9 +147,9 @@ def test_onnx_file_has_named_dynamic_io_opset_and_metadata(exported_workdir):
 def test_export_refuses_a_workdir_without_fine_tuned_weights(tmp_path, exported_workdir):
     workdir = exported_workdir[0]
     with pytest.raises(ExportError, match="no architecture.json"):
-        load_finetuned_network(str(tmp_path))
+        load_finetuned_network(Workdir(str(tmp_path)))
     os.makedirs(tmp_path / "run")
     with open(os.path.join(workdir, "architecture.json")) as source:
         (tmp_path / "run" / "architecture.json").write_text(source.read())
     with pytest.raises(ExportError, match="Run the finetune phase first"):
-        load_finetuned_network(str(tmp_path / "run"))
+        load_finetuned_network(Workdir(str(tmp_path / "run")))

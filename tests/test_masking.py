@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.masking import MaskedSearch, binarize
-from hmnas_keras.supernet import SearchSpace, Supernet, edge_index
+from hmnas_keras.space.search_space import SearchSpace, edge_index
+from hmnas_keras.space.supernet import Supernet
+from hmnas_keras.training.masking import MaskedSearch, binarize
 
 SPACE = SearchSpace(
     num_cells=2, channels=4, num_nodes=2, op_names=("sep_conv_3x3", "max_pool_3x3", "skip_connect")
@@ -91,15 +92,13 @@ def test_masking_an_op_removes_exactly_its_contribution():
     # Same as the supernet with that op weight set to zero (no renormalisation).
     masked.detach()
 
-    def zero_op(cell_type, op_weights, edge_weights):
+    def zero_op(cell_type):
+        op_mask = np.ones((space.num_edges, 2), "float32")
         if cell_type == "normal":
-            op_weights = op_weights * np.array(
-                [[0.0, 1.0] if e == edge else [1.0, 1.0] for e in range(space.num_edges)],
-                "float32",
-            )
-        return op_weights, edge_weights
+            op_mask[edge] = [0.0, 1.0]
+        return op_mask, None
 
-    supernet.arch_transform = zero_op
+    supernet.set_arch_masks(zero_op)
     np.testing.assert_allclose(
         ops.convert_to_numpy(supernet(x, training=False)), masked_output, rtol=1e-6, atol=1e-7
     )
@@ -154,7 +153,8 @@ def test_mask_gradient_is_the_gradient_of_the_binary_mask():
     with tf.GradientTape() as tape:
         kernel = tf.identity(layer.kernel.value)
         tape.watch(kernel)
-        layer.kernel_transform = lambda _: kernel
+        # The mask hook multiplies: kernel * (kernel_eff / kernel) substitutes kernel_eff.
+        layer.set_kernel_mask(lambda: kernel / layer.kernel.value)
         logits = supernet(x, training=True)
         loss = ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
     grad_kernel = tape.gradient(loss, kernel)
@@ -193,7 +193,7 @@ def test_a_mask_step_changes_masks_only():
 
 
 def test_single_level_supernet_has_no_edge_masks_and_derives():
-    from hmnas_keras import architecture as arch_lib
+    from hmnas_keras.architecture.derivation import derive_cell
 
     space = SearchSpace(
         num_cells=2, channels=4, num_nodes=2, op_names=SPACE.op_names, multi_level=False
@@ -207,8 +207,6 @@ def test_single_level_supernet_has_no_edge_masks_and_derives():
     binary = masked.binary_masks()
     op_weights = ops.convert_to_numpy(supernet.op_weights("reduce")) * binary["alpha"]["reduce"]
     edge_weights = ops.convert_to_numpy(supernet.edge_weights("reduce"))
-    cell = arch_lib.derive_cell(
-        space.op_names, 2, op_weights, edge_weights, binary["alpha"]["reduce"]
-    )
+    cell = derive_cell(space.op_names, 2, op_weights, edge_weights, binary["alpha"]["reduce"])
     assert [(e["source"], e["target"]) for e in cell["edges"]] == [(1, 2), (0, 3), (1, 3), (2, 3)]
     assert cell["edges"][0]["weight"] == 0.5  # uniform edge weights, 1 / in-degree

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from hmnas_keras.operations import OP_NAMES, FactorizedReduce, build_op
+from hmnas_keras.space.operations import FactorizedReduce, build_op
+from hmnas_keras.space.search_space import OP_NAMES
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -26,7 +27,7 @@ def test_unknown_op_is_refused_with_the_known_names():
 def test_stride_two_dilated_conv_equals_the_dilated_conv_at_even_positions():
     import tensorflow as tf
 
-    from hmnas_keras.operations import DilConv
+    from hmnas_keras.space.operations import DilConv
 
     images = np.random.default_rng(1).normal(size=(2, 9, 9, 3)).astype("float32")
     strided = DilConv(3, 5, stride=2)

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from hmnas_keras.pictures import draw_workdir
+from hmnas_keras.pipeline.pictures import draw_workdir
+from hmnas_keras.pipeline.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +36,7 @@ def test_pictures_are_written_for_a_tiny_run(exported_workdir, tmp_path):
     os.makedirs(workdir)
     shutil.copy(os.path.join(source, "architecture.json"), workdir)
     _history(os.path.join(workdir, "supernet", "arch_history.jsonl"))
-    written = draw_workdir(workdir)
+    written = draw_workdir(Workdir(workdir))
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(
         [f"cell_{t}.{e}" for t in ("normal", "reduce") for e in ("png", "svg", "dot")]

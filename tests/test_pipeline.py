@@ -106,7 +106,7 @@ def test_the_whole_pipeline_writes_the_table_3_report(pipeline):
 
 
 def test_the_pipeline_ends_with_exported_models_and_pictures(pipeline):
-    from hmnas_keras.serve import Classifier
+    from hmnas_keras.serving import Classifier
 
     workdir, result = pipeline
     export = load(workdir, "export", "summary.json")
@@ -126,10 +126,10 @@ def test_the_pipeline_ends_with_exported_models_and_pictures(pipeline):
     assert "Parity (max |logit difference|)" in result.stdout
     # The ONNX model, fed raw test pixels and normalising them with its own metadata,
     # reaches the fine-tuned network's test accuracy.
-    from hmnas_keras.config import read_config
     from hmnas_keras.data import make_search_data
+    from hmnas_keras.pipeline.workdir import Workdir
 
-    config = read_config(workdir)
+    config = Workdir(workdir).read_config()
     data = make_search_data(config.data, config.seed)
     classifier = Classifier(os.path.join(workdir, "export", "model.onnx"))
     predictions = classifier.predict(data.test_images, top_k=1)

@@ -19,7 +19,7 @@ import pytest
 from conftest import EXPORT_CLASSES, real_images
 from PIL import Image
 
-from hmnas_keras.serve import Classifier, ServeError, find_images
+from hmnas_keras.serving import Classifier, ServeError, find_images
 
 # Runs `python -m hmnas_keras.serve ARGS` with TensorFlow, Keras and tf2onnx unimportable.
 WITHOUT_TENSORFLOW = """

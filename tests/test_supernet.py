@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from hmnas_keras.supernet import Cell, MixedOp, SearchSpace, Supernet, segment_softmax
+from hmnas_keras.space.cell import Cell, MixedOp
+from hmnas_keras.space.search_space import SearchSpace
+from hmnas_keras.space.supernet import Supernet, segment_softmax
 
 OPS = ("sep_conv_3x3", "max_pool_3x3", "skip_connect")
 

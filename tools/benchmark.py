@@ -47,8 +47,10 @@ def time_kind(kind: str) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from hmnas_keras.bilevel import ArchStepPolicy, BilevelSearch
-    from hmnas_keras.supernet import SearchSpace, Supernet
+    from hmnas_keras.space.search_space import SearchSpace
+    from hmnas_keras.space.supernet import Supernet
+    from hmnas_keras.training.arch_step import ArchStepPolicy
+    from hmnas_keras.training.bilevel import BilevelSearch
 
     keras.utils.set_random_seed(0)
     space = SearchSpace(

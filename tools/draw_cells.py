@@ -21,18 +21,20 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory of a searched run.")
-    from hmnas_keras.architecture import ARCHITECTURE_FILE, ArchitectureError
-    from hmnas_keras.pictures import draw_workdir
+    from hmnas_keras.architecture.architecture_json import ArchitectureError
+    from hmnas_keras.pipeline.pictures import draw_workdir
+    from hmnas_keras.pipeline.workdir import Workdir
 
-    path = os.path.join(FLAGS.workdir, ARCHITECTURE_FILE)
-    if not os.path.exists(path):
+    workdir = Workdir(FLAGS.workdir)
+    if not os.path.exists(workdir.architecture):
         print(
-            f"Error: {path} does not exist: run the mask phase (or a --derivation) first.",
+            f"Error: {workdir.architecture} does not exist: run the mask phase (or a "
+            "--derivation) first.",
             file=sys.stderr,
         )
         return 1
     try:
-        written = draw_workdir(FLAGS.workdir)
+        written = draw_workdir(workdir)
     except ArchitectureError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1

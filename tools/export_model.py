@@ -33,18 +33,22 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory of a fine-tuned run.")
     logging.set_verbosity(logging.WARNING)  # tf2onnx logs every conversion step at INFO
-    from hmnas_keras.architecture import ArchitectureError
+    from hmnas_keras.architecture.architecture_json import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
-    from hmnas_keras.config import CONFIG_FILE, read_config
     from hmnas_keras.data import DataError, make_search_data
-    from hmnas_keras.export import ExportError, export_workdir, format_summary, real_test_images
-    from hmnas_keras.report import write_report
+    from hmnas_keras.export.formats import ExportError
+    from hmnas_keras.pipeline.export_phase import export_workdir, format_summary, real_test_images
+    from hmnas_keras.pipeline.report import write_report
+    from hmnas_keras.pipeline.workdir import Workdir
 
-    workdir = FLAGS.workdir
     try:
-        if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-            raise ExportError(f"{workdir} holds no {CONFIG_FILE}: is it a hmnas_keras run?")
-        config = read_config(workdir)
+        workdir = Workdir(FLAGS.workdir)
+        if not os.path.exists(workdir.config):
+            raise ExportError(
+                f"{FLAGS.workdir} holds no {Workdir.CONFIG}: is it a hmnas_keras run?"
+            )
+        config = workdir.read_config()
+        workdir = Workdir.of_run(FLAGS.workdir, config)
         data = make_search_data(config.data, config.seed)
         summary = export_workdir(
             workdir,
@@ -59,7 +63,7 @@ def main(argv):
         print(f"Error: {error}", file=sys.stderr)
         return 1
     print(format_summary(summary))
-    print(f"Exported models in {os.path.join(workdir, 'export')}; report in {workdir}/report.json")
+    print(f"Exported models in {workdir.export.directory}; report in {workdir.report}")
     return 0
 
 

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from hmnas_keras.serve import Classifier, ServeError
+from hmnas_keras.serving.classifier import Classifier, ServeError
 
 
 class RequestError(Exception):
@@ -86,15 +86,17 @@ async def _files_of_multipart(request: Request, body: bytes) -> list:
     return files
 
 
-def create_app(
-    classifier: Classifier,
-    max_images: int = 64,
-    max_request_bytes: int = 16 * 1024 * 1024,
-    batch_size: int = 64,
-) -> Starlette:
-    """The Starlette application serving `classifier`."""
+class _Handlers:
+    """The endpoints of one served classifier, with the request limits."""
 
-    async def health(request: Request):
+    def __init__(self, classifier: Classifier, max_images: int, max_request_bytes: int, batch_size):
+        self.classifier = classifier
+        self.max_images = max_images
+        self.max_request_bytes = max_request_bytes
+        self.batch_size = batch_size
+
+    async def health(self, request: Request):
+        classifier = self.classifier
         return JSONResponse(
             {
                 "status": "ok",
@@ -104,75 +106,85 @@ def create_app(
             }
         )
 
-    async def metadata(request: Request):
-        return JSONResponse(classifier.metadata)
+    async def metadata(self, request: Request):
+        return JSONResponse(self.classifier.metadata)
 
-    def top_k_of(request: Request) -> int:
-        raw = request.query_params.get("top_k", "5")
-        if not raw.isdigit() or int(raw) < 1:
-            raise RequestError(400, f"top_k must be a positive integer; received {raw!r}.")
-        return int(raw)
-
-    def check_count(count: int) -> None:
-        if count > max_images:
+    def check_count(self, count: int) -> None:
+        if count > self.max_images:
             raise RequestError(
-                413, f"Too many images: {count} in one request, at most {max_images}."
+                413, f"Too many images: {count} in one request, at most {self.max_images}."
             )
 
-    def run_model(inputs, top_k: int, normalized: bool):
+    def run_model(self, inputs, top_k: int, normalized: bool):
         # Decoding and the model both run in a worker thread, off the event loop.
         if isinstance(inputs, list):  # (name, image file bytes) pairs
-            inputs = [classifier.decode(data, name) for name, data in inputs]
-        return classifier.predict(inputs, top_k, batch_size, normalized)
+            inputs = [self.classifier.decode(data, name) for name, data in inputs]
+        return self.classifier.predict(inputs, top_k, self.batch_size, normalized)
 
-    async def predict(request: Request):
+    def json_inputs(self, body: bytes):
+        """(array, normalized) of a JSON body {"pixels": ...} or {"inputs": ...}."""
         try:
-            top_k = top_k_of(request)
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            body = await _read_body(request, max_request_bytes)
-            if not body:
-                raise RequestError(400, "The request body is empty: send an image.")
-            if content_type == "multipart/form-data":
-                files = await _files_of_multipart(request, body)
-                check_count(len(files))
-                inputs, normalized = files, False
-            elif content_type.startswith("image/") or content_type == "application/octet-stream":
-                inputs, normalized = [("the request body", body)], False
-            elif content_type == "application/json":
-                try:
-                    payload = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    raise RequestError(400, f"Malformed JSON: {error}.") from None
-                keys = [
-                    k for k in ("pixels", "inputs") if isinstance(payload, dict) and k in payload
-                ]
-                if len(keys) != 1:
-                    raise RequestError(
-                        400,
-                        'The JSON body needs exactly one of "pixels" (0..255) or "inputs" '
-                        "(normalised), an array [N, H, W, C] or [H, W, C].",
-                    )
-                inputs = classifier.check_batch(payload[keys[0]], keys[0])
-                check_count(len(inputs))
-                normalized = keys[0] == "inputs"
-            else:
-                raise RequestError(
-                    415,
-                    f"Unsupported content type {content_type or '(none)'}: send "
-                    "multipart/form-data with image files, one image (image/*), or JSON.",
-                )
-            predictions = await run_in_threadpool(run_model, inputs, top_k, normalized)
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(400, f"Malformed JSON: {error}.") from None
+        keys = [k for k in ("pixels", "inputs") if isinstance(payload, dict) and k in payload]
+        if len(keys) != 1:
+            raise RequestError(
+                400,
+                'The JSON body needs exactly one of "pixels" (0..255) or "inputs" '
+                "(normalised), an array [N, H, W, C] or [H, W, C].",
+            )
+        inputs = self.classifier.check_batch(payload[keys[0]], keys[0])
+        self.check_count(len(inputs))
+        return inputs, keys[0] == "inputs"
+
+    async def request_inputs(self, request: Request):
+        """(inputs, normalized) of a request: image files, or an array from JSON."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await _read_body(request, self.max_request_bytes)
+        if not body:
+            raise RequestError(400, "The request body is empty: send an image.")
+        if content_type == "multipart/form-data":
+            files = await _files_of_multipart(request, body)
+            self.check_count(len(files))
+            return files, False
+        if content_type.startswith("image/") or content_type == "application/octet-stream":
+            return [("the request body", body)], False
+        if content_type == "application/json":
+            return self.json_inputs(body)
+        raise RequestError(
+            415,
+            f"Unsupported content type {content_type or '(none)'}: send "
+            "multipart/form-data with image files, one image (image/*), or JSON.",
+        )
+
+    async def predict(self, request: Request):
+        try:
+            raw = request.query_params.get("top_k", "5")
+            if not raw.isdigit() or int(raw) < 1:
+                raise RequestError(400, f"top_k must be a positive integer; received {raw!r}.")
+            inputs, normalized = await self.request_inputs(request)
+            predictions = await run_in_threadpool(self.run_model, inputs, int(raw), normalized)
         except RequestError as error:
             return JSONResponse({"error": error.message}, status_code=error.status)
         except ServeError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         return JSONResponse({"predictions": predictions})
 
+
+def create_app(
+    classifier: Classifier,
+    max_images: int = 64,
+    max_request_bytes: int = 16 * 1024 * 1024,
+    batch_size: int = 64,
+) -> Starlette:
+    """The Starlette application serving `classifier`."""
+    handlers = _Handlers(classifier, max_images, max_request_bytes, batch_size)
     return Starlette(
         routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/metadata", metadata, methods=["GET"]),
-            Route("/predict", predict, methods=["POST"]),
+            Route("/health", handlers.health, methods=["GET"]),
+            Route("/metadata", handlers.metadata, methods=["GET"]),
+            Route("/predict", handlers.predict, methods=["POST"]),
         ]
     )
 

@@ -2,7 +2,7 @@
 
 Starts from the trained supernet (`WORKDIR/supernet/checkpoint.npz` or
 `--supernet_checkpoint`) and trains the masks on the whole training split.
-Artifacts under `WORKDIR/mask/` (see `hmnas_keras.phase` for the common ones):
+Artifacts under `WORKDIR/mask/` (see `hmnas_keras.pipeline.phase` for the common ones):
 - `checkpoint.npz`: supernet variables (w*, α*, β*, BN statistics), masks,
   both optimizers' state, metric accumulators, epoch and step;
 - `metrics.csv`: per epoch the masked network's loss and accuracy, and how many
@@ -14,7 +14,6 @@ At the end the architecture is derived from the binary masks
 (`WORKDIR/searched.json`).
 """
 
-import json
 import os
 import time
 
@@ -22,22 +21,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hmnas_keras import architecture as arch_lib
+from hmnas_keras.architecture.architecture_json import summary_counts
+from hmnas_keras.architecture.derivation import derive_cell
 from hmnas_keras.checkpoint import read_state, write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
-from hmnas_keras.derive import (
+from hmnas_keras.pipeline.derive_phase import (
     build_supernet,
     derive_architecture,
-    load_supernet_arrays,
-    supernet_checkpoint_path,
     write_searched_summary,
 )
-from hmnas_keras.masking import MaskedSearch, weight_mask_counts
-from hmnas_keras.phase import CHECKPOINT_FILE, Phase, run_phase
+from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
+from hmnas_keras.pipeline.workdir import Workdir, read_json
+from hmnas_keras.training.masking import MaskedSearch, weight_mask_counts
 
-PHASE_DIR = "mask"
-SUMMARY_FILE = "summary.json"
 CSV_COLUMNS = (
     "epoch",
     "loss",
@@ -83,24 +80,13 @@ def build_masked_search(config: RunConfig, data: SearchData, supernet_arrays: di
     return masked
 
 
-def state_variables(masked: MaskedSearch) -> list:
-    """Every variable of the masking state, in a fixed order."""
-    return (
-        list(masked.supernet.variables)
-        + masked.weight_mask_variables
-        + masked.arch_mask_variables
-        + masked.optimizer_variables
-        + list(masked.metrics_variables)
-    )
-
-
 def alive_counts(config: RunConfig, binary_masks: dict) -> dict:
     """How many ops, edges, nodes and weights the binary masks keep."""
     space = config.search_space
     cells = {}
     for cell_type, alpha_mask in binary_masks["alpha"].items():
         num_edges = len(alpha_mask)
-        cells[cell_type] = arch_lib.derive_cell(
+        cells[cell_type] = derive_cell(
             space.op_names,
             space.num_nodes,
             np.zeros(alpha_mask.shape),
@@ -108,9 +94,7 @@ def alive_counts(config: RunConfig, binary_masks: dict) -> dict:
             alpha_mask,
             binary_masks["beta"].get(cell_type),
         )
-    counts = arch_lib.summary_counts(
-        {"search_space": {"num_nodes": space.num_nodes}, "cells": cells}
-    )
+    counts = summary_counts({"search_space": {"num_nodes": space.num_nodes}, "cells": cells})
     kept, total = weight_mask_counts(binary_masks["weights"])
     counts.update(weights=kept, weights_total=total)
     return counts
@@ -127,10 +111,7 @@ def _row(config: RunConfig, masked: MaskedSearch):
             flush=True,
         )
         return {
-            "loss": logs.get("loss"),
-            "accuracy": logs.get("accuracy"),
-            "test_loss": logs.get("val_loss"),
-            "test_accuracy": logs.get("val_accuracy"),
+            **test_columns(logs),
             "ops": counts["ops"],
             "edges": counts["edges"],
             "nodes": counts["nodes"],
@@ -143,35 +124,37 @@ def _row(config: RunConfig, masked: MaskedSearch):
     return row
 
 
+def _finished_summary(workdir: Workdir, config: RunConfig) -> dict | None:
+    """The summary of a mask phase that already finished and derived, or None."""
+    done = (workdir.mask.checkpoint, workdir.mask.summary, workdir.architecture)
+    if all(os.path.exists(p) for p in done) and read_state(workdir.mask.checkpoint)["finished"]:
+        print(f"The mask phase already finished its {config.mask.epochs} epochs and was derived.")
+        return read_json(workdir.mask.summary)
+    return None
+
+
 def run_mask_phase(
     config: RunConfig,
     data: SearchData,
-    workdir: str,
+    workdir: Workdir,
     strategy: tf.distribute.Strategy | None = None,
     verbose: int | None = None,
 ) -> dict:
     """Trains the masks (resuming if a checkpoint exists), derives and measures the network."""
+    finished = _finished_summary(workdir, config)
+    if finished is not None:
+        return finished
     strategy = strategy or tf.distribute.get_strategy()
     mask = config.mask
-    phase_dir = os.path.join(workdir, PHASE_DIR)
-    summary_path = os.path.join(phase_dir, SUMMARY_FILE)
-    done = [summary_path, os.path.join(workdir, arch_lib.ARCHITECTURE_FILE)]
-    if os.path.exists(checkpoint_path(workdir)) and all(os.path.exists(p) for p in done):
-        if read_state(checkpoint_path(workdir))["finished"]:
-            print(f"The mask phase already finished its {mask.epochs} epochs and was derived.")
-            with open(summary_path) as handle:
-                return json.load(handle)
-    arrays = load_supernet_arrays(
-        supernet_checkpoint_path(config, workdir), "a trained supernet to mask"
-    )
+    arrays = workdir.supernet_arrays("a trained supernet to mask")
     with strategy.scope():
         masked = build_masked_search(config, data, arrays)
     test_data = data.test_dataset()
     phase = Phase(
         name="mask",
-        directory=phase_dir,
+        files=workdir.mask,
         model=masked,
-        state_variables=state_variables(masked),
+        state_variables=masked.state_variables,
         epochs=mask.epochs,
         steps_per_epoch=data.train_steps_per_epoch,
         dataset=data.train_dataset,
@@ -185,13 +168,12 @@ def run_mask_phase(
     state = run_phase(phase, verbose)
     test = masked.evaluate(test_data, verbose=0, return_dict=True)
     binary_masks = masked.binary_masks()
-    counts = alive_counts(config, binary_masks)
     summary = {
         "epochs": mask.epochs,
         "steps": mask.epochs * data.train_steps_per_epoch,
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
-        "alive": counts,
+        "alive": alive_counts(config, binary_masks),
         "wall_seconds": round(state["elapsed_seconds"], 2),
     }
 
@@ -206,9 +188,5 @@ def run_mask_phase(
     )
     summary["architecture"] = architecture["counts"]
     # Written last: its presence says that the phase and the derivation are complete.
-    write_json(summary_path, summary)
+    write_json(workdir.mask.summary, summary)
     return summary
-
-
-def checkpoint_path(workdir: str) -> str:
-    return os.path.join(workdir, PHASE_DIR, CHECKPOINT_FILE)

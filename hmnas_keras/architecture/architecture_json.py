@@ -1,29 +1,9 @@
-"""Deriving the searched architecture and its `architecture.json` (DESIGN.md §2).
+"""The searched architecture as plain data: the `architecture.json` format (DESIGN.md §2).
 
-Three derivations produce binary op masks M_α [num_edges, num_ops] and edge
-masks M_β [num_edges] per cell type; one rule turns masks into a cell:
-
-- an op survives iff its α mask is 1;
-- an edge survives iff its β mask is 1, at least one of its ops survives and
-  its source node survives (the input nodes 0, 1 always do) — an edge leaving a
-  dead node would only carry zeros;
-- a node survives iff at least one incoming edge survives; a dead node leaves
-  the cell's output concatenation.
-
-Nodes keep any number of edges and edges any number of ops (no top-2 rule).
-The derivations:
-- "masks": the binary masks learned by hierarchical masking (HM-NAS);
-- "darts": DARTS' heuristic — per edge the strongest op, per node the two
-  strongest incoming edges, strength softmax(α)·softmax(β) (softmax(α) alone in
-  single-level mode);
-- "random": a DARTS-shaped random cell from the same space — per node two
-  distinct random incoming edges with one random op each, drawn by seed.
-
-The surviving op and edge weights (M_α ⊙ softmax(α*), M_β ⊙ softmax(β*)) are
-kept as fixed scales, taken from the trained supernet (for a random
-architecture without one, from a fresh supernet: nearly uniform).
-
-architecture.json, format "hmnas_keras/architecture" version 1:
+An architecture is a JSON-ready dictionary, kept apart from the code that
+builds networks from it (`hmnas_keras.architecture.searched_network`) and from
+the rules that derive it (`hmnas_keras.architecture.derivation`). Format
+"hmnas_keras/architecture", version 1:
 
     {"format": "hmnas_keras/architecture", "version": 1,
      "derivation": "masks" | "darts" | "random",
@@ -37,7 +17,8 @@ architecture.json, format "hmnas_keras/architecture" version 1:
          "ops_kept": int, "ops_total": int}},
      "weight_masks": file name next to architecture.json (npz of 0/1 kernels) or null,
      "degenerate": null or a sentence saying why the network is unusable,
-     ... plus "layers", "parameters" and "flops" added by `hmnas_keras.searched`}
+     ... plus "layers", "parameters", "flops" and "counts" added when it is derived
+     (`hmnas_keras.pipeline.derive_phase`)}
 
 Nodes 0 and 1 are the cell inputs; 2 .. num_nodes + 1 the intermediate nodes.
 """
@@ -46,107 +27,16 @@ import json
 
 import numpy as np
 
+from hmnas_keras.architecture.derivation import DERIVATIONS
 from hmnas_keras.checkpoint import write_json
+from hmnas_keras.space.search_space import SearchSpace, cell_edges
 
 FORMAT = "hmnas_keras/architecture"
 VERSION = 1
-DERIVATIONS = ("masks", "darts", "random")
-ARCHITECTURE_FILE = "architecture.json"
 
 
 class ArchitectureError(ValueError):
     """An architecture file that cannot be read or used."""
-
-
-def _edges(num_nodes: int) -> list[tuple[int, int]]:
-    return [(source, target) for target in range(2, num_nodes + 2) for source in range(target)]
-
-
-def derive_cell(
-    op_names, num_nodes, op_weights, edge_weights, alpha_mask, beta_mask=None, digits=6
-) -> dict:
-    """One cell type's entry of architecture.json from its weights and binary masks."""
-    op_weights = np.asarray(op_weights, dtype="float64")
-    edge_weights = np.asarray(edge_weights, dtype="float64")
-    alpha_mask = np.asarray(alpha_mask, dtype=bool)
-    beta_mask = (
-        np.ones(len(edge_weights), dtype=bool)
-        if beta_mask is None
-        else np.asarray(beta_mask, dtype=bool)
-    )
-    alive = {0, 1}
-    edges, pruned = [], []
-    for index, (source, target) in enumerate(_edges(num_nodes)):
-        if not beta_mask[index]:
-            reason = "edge masked"
-        elif not alpha_mask[index].any():
-            reason = "every op masked"
-        elif source not in alive:
-            reason = "source node dead"
-        else:
-            kept = [
-                {"name": name, "weight": round(float(op_weights[index, k]), digits)}
-                for k, name in enumerate(op_names)
-                if alpha_mask[index, k]
-            ]
-            edges.append(
-                {
-                    "source": source,
-                    "target": target,
-                    "weight": round(float(edge_weights[index]), digits),
-                    "ops": kept,
-                }
-            )
-            alive.add(target)
-            continue
-        pruned.append({"source": source, "target": target, "reason": reason})
-    nodes = range(2, num_nodes + 2)
-    return {
-        "edges": edges,
-        "alive_nodes": [n for n in nodes if n in alive],
-        "dead_nodes": [n for n in nodes if n not in alive],
-        "incoming_edges": {str(n): sum(e["target"] == n for e in edges) for n in nodes},
-        "pruned_edges": pruned,
-        "ops_kept": sum(len(e["ops"]) for e in edges),
-        "ops_total": int(alpha_mask.size),
-    }
-
-
-def darts_masks(op_weights, edge_weights, num_nodes: int, multi_level: bool):
-    """DARTS' heuristic as masks: per edge the strongest op, per node the top-2 edges.
-
-    Edge strength is max_k softmax(α)_k · softmax(β)_edge (multi-level) or
-    max_k softmax(α)_k (single-level); the two incoming edges of a node come
-    from distinct source nodes by construction.
-    """
-    op_weights = np.asarray(op_weights, dtype="float64")
-    edge_weights = np.asarray(edge_weights, dtype="float64")
-    alpha_mask = np.zeros(op_weights.shape, dtype=bool)
-    alpha_mask[np.arange(len(op_weights)), op_weights.argmax(axis=1)] = True
-    strength = op_weights.max(axis=1) * (edge_weights if multi_level else 1.0)
-    beta_mask = np.zeros(len(edge_weights), dtype=bool)
-    start = 0
-    for target in range(2, num_nodes + 2):
-        incoming = strength[start : start + target]
-        # Stable: ties go to the earlier source.
-        top = np.argsort(-incoming, kind="stable")[:2]
-        beta_mask[start + top] = True
-        start += target
-    return alpha_mask, beta_mask
-
-
-def random_masks(num_ops: int, num_nodes: int, rng: np.random.Generator):
-    """A DARTS-shaped random cell: per node 2 distinct random inputs, one random op each."""
-    num_edges = sum(range(2, num_nodes + 2))
-    alpha_mask = np.zeros((num_edges, num_ops), dtype=bool)
-    beta_mask = np.zeros(num_edges, dtype=bool)
-    start = 0
-    for target in range(2, num_nodes + 2):
-        for source in rng.choice(target, size=2, replace=False):
-            beta_mask[start + source] = True
-            alpha_mask[start + source, rng.integers(num_ops)] = True
-        start += target
-    return alpha_mask, beta_mask
 
 
 def new_architecture(
@@ -168,13 +58,7 @@ def new_architecture(
         "format": FORMAT,
         "version": VERSION,
         "derivation": derivation,
-        "search_space": {
-            "num_cells": search_space.num_cells,
-            "channels": search_space.channels,
-            "num_nodes": search_space.num_nodes,
-            "op_names": list(search_space.op_names),
-            "multi_level": search_space.multi_level,
-        },
+        "search_space": search_space.to_dict(),
         "num_classes": int(num_classes),
         "image_shape": [int(d) for d in image_shape],
         "class_names": list(class_names),
@@ -207,8 +91,12 @@ def degenerate_reason(architecture: dict, weight_masks: dict | None = None) -> s
     return None
 
 
+def search_space_of(architecture: dict) -> SearchSpace:
+    return SearchSpace.from_dict(architecture["search_space"])
+
+
 def genotypes(architecture: dict) -> dict:
-    """Cell type -> genotype ((source, target, op names), ...) for `hmnas_keras.supernet.Cell`."""
+    """Cell type -> genotype ((source, target, op names), ...) for `hmnas_keras.space.cell.Cell`."""
     return {
         cell_type: tuple(
             (e["source"], e["target"], tuple(op["name"] for op in e["ops"])) for e in cell["edges"]
@@ -222,7 +110,7 @@ def weight_matrices(architecture: dict) -> dict:
     space = architecture["search_space"]
     op_names = space["op_names"]
     num_nodes = space["num_nodes"]
-    index = {edge: i for i, edge in enumerate(_edges(num_nodes))}
+    index = {edge: i for i, edge in enumerate(cell_edges(num_nodes))}
     matrices = {}
     for cell_type, cell in architecture["cells"].items():
         op_weights = np.zeros((len(index), len(op_names)), dtype="float32")
@@ -245,7 +133,7 @@ def summary_counts(architecture: dict) -> dict:
         "ops": sum(c["ops_kept"] for c in cells),
         "ops_total": sum(c["ops_total"] for c in cells),
         "edges": sum(len(c["edges"]) for c in cells),
-        "edges_total": len(architecture["cells"]) * len(_edges(num_nodes)),
+        "edges_total": len(architecture["cells"]) * len(cell_edges(num_nodes)),
         "nodes": sum(len(c["alive_nodes"]) for c in cells),
         "nodes_total": len(architecture["cells"]) * num_nodes,
     }

@@ -15,15 +15,13 @@ normalisation runs in training mode, so its moving statistics follow the
 masked network (they are what the searched network is evaluated with).
 """
 
-import functools
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.supernet import Supernet
-from hmnas_keras.trainer import NetworkTrainer, cross_entropy
+from hmnas_keras.space.supernet import Supernet
+from hmnas_keras.training.trainer import NetworkTrainer, cross_entropy, replica_scale
 
 
 @tf.custom_gradient
@@ -40,10 +38,6 @@ def binarize(shifted):
     return tf.cast(shifted >= 0, shifted.dtype), grad
 
 
-def _masked_kernel(mask, threshold, kernel):
-    return kernel * binarize(mask - threshold)
-
-
 def _variable_name(path: str) -> str:
     """A Keras variable name for the mask of the variable at `path` ('/' is not allowed)."""
     return "mask." + path.split("/", 1)[-1].replace("/", ".")
@@ -53,8 +47,9 @@ class MaskedSearch(NetworkTrainer):
     """Trains hierarchical masks on a frozen, built `Supernet` with Keras `fit()`.
 
     Args:
-        supernet: the trained supernet (built). Its layers get mask hooks while
-            this object exists; `detach()` removes them.
+        supernet: the trained supernet (built). Its layers carry the masks
+            (`hmnas_keras.space.maskable`) while this object exists;
+            `detach()` removes them.
         threshold: τ of the binariser.
         initial_value: the value every real-valued mask starts at.
     """
@@ -97,24 +92,26 @@ class MaskedSearch(NetworkTrainer):
         """The supernet's layers with maskable kernels, by kernel path (not tracked here)."""
         return sorted(self.supernet.kernel_layers(), key=lambda layer: layer.kernel.path)
 
+    def _binary(self, mask):
+        """M = H(M^r − τ), straight-through; a callable, as the mask hooks take."""
+        return lambda: binarize(mask - self.threshold)
+
     def attach(self):
         """Makes the supernet use the binary masks in its forward pass."""
         for layer in self.kernel_layers:
-            mask = self.weight_masks[layer.kernel.path]
-            layer.kernel_transform = functools.partial(_masked_kernel, mask, self.threshold)
-        self.supernet.arch_transform = self._mask_arch
+            layer.set_kernel_mask(self._binary(self.weight_masks[layer.kernel.path]))
+        self.supernet.set_arch_masks(self._arch_masks)
 
     def detach(self):
-        """Removes the mask hooks: the supernet computes its unmasked function again."""
+        """Removes the masks: the supernet computes its unmasked function again."""
         for layer in self.kernel_layers:
-            layer.kernel_transform = None
-        self.supernet.arch_transform = None
+            layer.set_kernel_mask(None)
+        self.supernet.set_arch_masks(None)
 
-    def _mask_arch(self, cell_type, op_weights, edge_weights):
-        op_weights = op_weights * binarize(self.alpha_masks[cell_type] - self.threshold)
-        if cell_type in self.beta_masks:
-            edge_weights = edge_weights * binarize(self.beta_masks[cell_type] - self.threshold)
-        return op_weights, edge_weights
+    def _arch_masks(self, cell_type):
+        alpha = binarize(self.alpha_masks[cell_type] - self.threshold)
+        beta = self.beta_masks.get(cell_type)
+        return alpha, None if beta is None else binarize(beta - self.threshold)
 
     @property
     def weight_mask_variables(self) -> list:
@@ -159,6 +156,17 @@ class MaskedSearch(NetworkTrainer):
     def optimizer_variables(self) -> list:
         return list(self.weight_mask_optimizer.variables) + list(self.arch_mask_optimizer.variables)
 
+    @property
+    def state_variables(self) -> list:
+        """Every variable of the masking state, in a fixed order (what a checkpoint holds)."""
+        return (
+            list(self.supernet.variables)
+            + self.weight_mask_variables
+            + self.arch_mask_variables
+            + self.optimizer_variables
+            + list(self.metrics_variables)
+        )
+
     def train_step(self, data):
         images, labels = data
         weight_masks, arch_masks = self.weight_mask_variables, self.arch_mask_variables
@@ -167,7 +175,7 @@ class MaskedSearch(NetworkTrainer):
             loss = cross_entropy(labels, logits)
         grads = tape.gradient(loss, weight_masks + arch_masks)
         # The optimizers sum what each replica passes: hand them 1/replicas of it.
-        scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+        scale = replica_scale()
         grads = [
             ops.zeros_like(v) if g is None else g * scale
             for g, v in zip(grads, weight_masks + arch_masks, strict=True)

@@ -6,36 +6,25 @@ each cell holds only its surviving edges and ops, dead nodes leave the output
 concatenation, and the op and edge weights are constants. With
 `apply_weight_masks` its kernels are multiplied by constant 0/1 masks in the
 forward pass, so pruned weights get zero gradients and, starting at zero, stay
-exactly zero through fine-tuning.
-
-`FineTune` trains it with Keras `fit()` (SGD, coupled weight decay, global-norm
-clip, as the supernet's weights are trained).
+exactly zero through fine-tuning (`hmnas_keras.training.finetune`).
 """
 
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.architecture import ArchitectureError, genotypes, weight_matrices
-from hmnas_keras.bilevel import apply_weight_gradients
-from hmnas_keras.operations import count_macs
-from hmnas_keras.supernet import CellNetwork, SearchSpace
-from hmnas_keras.trainer import NetworkTrainer, cross_entropy
-
-
-def search_space_of(architecture: dict) -> SearchSpace:
-    space = dict(architecture["search_space"])
-    space["op_names"] = tuple(space["op_names"])
-    return SearchSpace(**space)
-
-
-def relative_path(path: str) -> str:
-    """A variable path without the model's name: 'supernet/cell_0/...' -> 'cell_0/...'."""
-    return path.split("/", 1)[1]
+from hmnas_keras.architecture.architecture_json import (
+    ArchitectureError,
+    genotypes,
+    search_space_of,
+    weight_matrices,
+)
+from hmnas_keras.checkpoint import assign_by_path, relative_path
+from hmnas_keras.space.network import CellNetwork
 
 
 class SearchedNetwork(CellNetwork):
-    """The network an architecture.json describes (see `hmnas_keras.architecture`)."""
+    """The network an architecture.json describes (see `architecture_json`)."""
 
     def __init__(self, architecture: dict, **kwargs):
         if architecture.get("degenerate"):
@@ -72,7 +61,7 @@ class SearchedNetwork(CellNetwork):
                     f"{tuple(layer.kernel.shape)}."
                 )
             constant = tf.constant(mask)
-            layer.kernel_transform = lambda kernel, constant=constant: kernel * constant
+            layer.set_kernel_mask(lambda constant=constant: constant)
             layer.kernel.assign(ops.convert_to_numpy(layer.kernel) * mask)
 
 
@@ -84,10 +73,8 @@ def input_channel_slices(architecture: dict) -> dict:
     channels: those channels were exactly zero, so nothing else changes.
     """
     space = search_space_of(architecture)
-    kept, channels = [], space.channels
-    for cell_type in space.cell_types:
-        if cell_type == "reduce":
-            channels *= 2
+    kept = []
+    for cell_type, channels in zip(space.cell_types, space.cell_channels, strict=True):
         alive = architecture["cells"][cell_type]["alive_nodes"]
         kept.append(
             np.concatenate([np.arange((n - 2) * channels, (n - 1) * channels) for n in alive])
@@ -113,20 +100,6 @@ def to_searched(architecture: dict, arrays: dict) -> dict:
     return result
 
 
-def assign_by_path(model, arrays: dict, mismatch) -> None:
-    """Assigns every variable of the built `model` from `arrays` ({relative path: array}).
-
-    `mismatch(path)` makes the exception raised, before anything is assigned,
-    for the first variable that has no array or an array of another shape.
-    """
-    for variable in model.variables:
-        path = relative_path(variable.path)
-        if path not in arrays or arrays[path].shape != tuple(variable.shape):
-            raise mismatch(path)
-    for variable in model.variables:
-        variable.assign(arrays[relative_path(variable.path)])
-
-
 def inherit_weights(network: SearchedNetwork, architecture: dict, supernet_arrays: dict):
     """Sets every variable of the built `network` from the supernet's ({relative path: array}).
 
@@ -146,68 +119,3 @@ def inherit_weights(network: SearchedNetwork, architecture: dict, supernet_array
         )
 
     assign_by_path(network, arrays, mismatch)
-
-
-def parameter_counts(variables) -> dict:
-    """Dense and non-zero entries of `variables` (the trainable weights of a network)."""
-    values = [ops.convert_to_numpy(v) for v in variables]
-    return {
-        "dense": int(sum(v.size for v in values)),
-        "nonzero": int(sum(np.count_nonzero(v) for v in values)),
-    }
-
-
-def flop_counts(network, image_shape) -> dict:
-    """Multiply-accumulates per image of the convolutions and dense layers (dense and non-zero)."""
-    macs, nonzero = count_macs(network, ops.zeros((1, *image_shape)))
-    return {"macs": macs, "nonzero_macs": nonzero}
-
-
-def layer_sparsity(network: SearchedNetwork) -> list:
-    """Per kernel: relative path, shape, parameters, non-zero entries, sparsity."""
-    rows = []
-    for layer in sorted(network.kernel_layers(), key=lambda layer: layer.kernel.path):
-        value = ops.convert_to_numpy(layer.kernel)
-        nonzero = int(np.count_nonzero(value))
-        rows.append(
-            {
-                "path": relative_path(layer.kernel.path),
-                "shape": list(value.shape),
-                "parameters": int(value.size),
-                "nonzero": nonzero,
-                "sparsity": round(1.0 - nonzero / value.size, 6),
-            }
-        )
-    return rows
-
-
-class FineTune(NetworkTrainer):
-    """Trains a `SearchedNetwork`'s weights with `fit()` (α*, β*, masks stay fixed)."""
-
-    def __init__(self, network, weight_decay=3e-4, grad_clip_norm=5.0, **kwargs):
-        super().__init__(network, **kwargs)
-        self.weight_decay = weight_decay
-        self.grad_clip_norm = grad_clip_norm
-
-    def compile(self, optimizer, jit_compile=False, **kwargs):
-        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
-
-    def build_finetune(self):
-        """Creates the optimizer's slots; call after `compile()`, before `fit()` or a restore."""
-        self.optimizer.build(self.network.trainable_variables)
-        self.built = True
-
-    def train_step(self, data):
-        images, labels = data
-        variables = self.network.trainable_variables
-        with tf.GradientTape() as tape:
-            logits = self.network(images, training=True)
-            loss = cross_entropy(labels, logits)
-        apply_weight_gradients(
-            self.optimizer,
-            tape.gradient(loss, variables),
-            variables,
-            self.weight_decay,
-            self.grad_clip_norm,
-        )
-        return self.update_metrics(loss, labels, logits)

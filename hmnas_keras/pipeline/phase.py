@@ -8,6 +8,7 @@ leaves the same kind of artifacts in its directory:
 - `metrics.csv`: one row per epoch;
 - any per-epoch JSON-lines logs the phase adds (`jsonl_logs`);
 - `tensorboard/`.
+(`hmnas_keras.pipeline.workdir.PhaseFiles` names them.)
 
 A killed phase resumes from its checkpoint at the exact step: the data
 pipelines are pure functions of (seed, step), partial-epoch metric accumulators
@@ -27,9 +28,7 @@ import keras
 import tensorflow as tf
 
 from hmnas_keras.checkpoint import read_state, restore_checkpoint, save_checkpoint
-
-CHECKPOINT_FILE = "checkpoint.npz"
-METRICS_FILE = "metrics.csv"
+from hmnas_keras.pipeline.workdir import PhaseFiles
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,7 +41,7 @@ class Phase:
 
     Attributes:
         name: the phase name, used in messages.
-        directory: where its artifacts go.
+        files: where its artifacts go.
         model: a compiled, built Keras model whose `fit()` trains the phase.
         state_variables: every variable of the training state, in a fixed order.
         epochs, steps_per_epoch: the length of the phase.
@@ -50,7 +49,7 @@ class Phase:
             steps [start_step, end_epoch · steps_per_epoch).
         columns: the CSV columns; the first must be "epoch".
         row: (epoch, fit logs) -> the CSV row of a finished epoch.
-        jsonl_logs: file name -> (epoch) -> a JSON record appended after each epoch.
+        jsonl_logs: path -> (epoch) -> a JSON record appended after each epoch.
         test_data: evaluated every `test_every` epochs (0: never during fit).
         checkpoint_every_steps: extra checkpoints inside epochs (0: none).
         after_restore: called after a checkpoint was restored.
@@ -58,7 +57,7 @@ class Phase:
     """
 
     name: str
-    directory: str
+    files: PhaseFiles
     model: keras.Model
     state_variables: list
     epochs: int
@@ -75,7 +74,7 @@ class Phase:
 
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.directory, CHECKPOINT_FILE)
+        return self.files.checkpoint
 
 
 class _PhaseLogger(keras.callbacks.Callback):
@@ -139,12 +138,22 @@ class _PhaseLogger(keras.callbacks.Callback):
         phase = self.phase
         row = phase.row(epoch, dict(logs or {}))
         row.update(epoch=epoch + 1, seconds=round(self.elapsed, 2))
-        _append_csv(os.path.join(phase.directory, METRICS_FILE), phase.columns, row)
-        for file_name, record in phase.jsonl_logs.items():
-            with open(os.path.join(phase.directory, file_name), "a") as handle:
+        _append_csv(phase.files.metrics, phase.columns, row)
+        for path, record in phase.jsonl_logs.items():
+            with open(path, "a") as handle:
                 handle.write(json.dumps({"epoch": epoch + 1, **record(epoch)}) + "\n")
         self.step_in_epoch = 0
         self.checkpoint(epoch + 1, 0)
+
+
+def test_columns(logs: dict) -> dict:
+    """The CSV columns every phase has, from Keras' epoch logs: loss, accuracy and the test's."""
+    return {
+        "loss": logs.get("loss"),
+        "accuracy": logs.get("accuracy"),
+        "test_loss": logs.get("val_loss"),
+        "test_accuracy": logs.get("val_accuracy"),
+    }
 
 
 def _append_csv(path, columns, row):
@@ -158,7 +167,7 @@ def _append_csv(path, columns, row):
 
 def _truncate_logs(phase: Phase, completed_epochs: int) -> None:
     """Drops log rows of epochs after the checkpoint (written before a kill)."""
-    csv_path = os.path.join(phase.directory, METRICS_FILE)
+    csv_path = phase.files.metrics
     if os.path.exists(csv_path):
         with open(csv_path, newline="") as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= completed_epochs]
@@ -166,13 +175,50 @@ def _truncate_logs(phase: Phase, completed_epochs: int) -> None:
             writer = csv.DictWriter(handle, fieldnames=phase.columns)
             writer.writeheader()
             writer.writerows(rows)
-    for file_name in phase.jsonl_logs:
-        path = os.path.join(phase.directory, file_name)
+    for path in phase.jsonl_logs:
         if os.path.exists(path):
             with open(path) as handle:
                 lines = [line for line in handle if json.loads(line)["epoch"] <= completed_epochs]
             with open(path, "w") as handle:
                 handle.writelines(lines)
+
+
+def _restore(phase: Phase) -> tuple[dict, list | None]:
+    """(state, partial-epoch metric values or None) from the phase's checkpoint, if any."""
+    state = {"epoch": 0, "step_in_epoch": 0, "elapsed_seconds": 0.0, "finished": False}
+    if not os.path.exists(phase.checkpoint_path):
+        print(f"The {phase.name} phase: {phase.epochs} epochs of {phase.steps_per_epoch} steps.")
+        return state, None
+    state = restore_checkpoint(phase.checkpoint_path, phase.state_variables)
+    if phase.after_restore is not None:
+        phase.after_restore()
+    metric_values = None
+    if state["step_in_epoch"]:
+        metric_values = [keras.ops.convert_to_numpy(v) for v in phase.model.metrics_variables]
+    _truncate_logs(phase, state["epoch"])
+    if state["finished"]:
+        print(f"The {phase.name} phase already finished its {phase.epochs} epochs.")
+    else:
+        print(
+            f"Resuming the {phase.name} phase at epoch {state['epoch'] + 1}, "
+            f"step {state['step_in_epoch']} of {phase.steps_per_epoch}."
+        )
+    return state, metric_values
+
+
+def _diverged(phase: Phase, diverged_at) -> TrainingDiverged:
+    ckpt = phase.checkpoint_path
+    last = read_state(ckpt) if os.path.exists(ckpt) else None
+    kept = (
+        f"The last good checkpoint (epoch {last['epoch']}, step {last['step_in_epoch']}) "
+        f"is kept in {ckpt}"
+        if last
+        else "No checkpoint had been written yet"
+    )
+    return TrainingDiverged(
+        f"The {phase.name} loss became NaN at epoch {diverged_at[0] + 1}, step "
+        f"{diverged_at[1]}. {kept}. {phase.diverged_hint}, then rerun with --resume."
+    )
 
 
 def run_phase(phase: Phase, verbose: int | None = None) -> dict:
@@ -181,38 +227,14 @@ def run_phase(phase: Phase, verbose: int | None = None) -> dict:
     Returns the final checkpoint state (epoch, elapsed_seconds, ...). Raises
     TrainingDiverged if the loss became NaN (the last good checkpoint is kept).
     """
-    os.makedirs(phase.directory, exist_ok=True)
+    os.makedirs(phase.files.directory, exist_ok=True)
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
-    model = phase.model
-    state = {"epoch": 0, "step_in_epoch": 0, "elapsed_seconds": 0.0, "finished": False}
-    metric_values = None
-    if os.path.exists(phase.checkpoint_path):
-        state = restore_checkpoint(phase.checkpoint_path, phase.state_variables)
-        if phase.after_restore is not None:
-            phase.after_restore()
-        if state["step_in_epoch"]:
-            metric_values = [keras.ops.convert_to_numpy(v) for v in model.metrics_variables]
-        _truncate_logs(phase, state["epoch"])
-        if state["finished"]:
-            print(f"The {phase.name} phase already finished its {phase.epochs} epochs.")
-        else:
-            print(
-                f"Resuming the {phase.name} phase at epoch {state['epoch'] + 1}, "
-                f"step {state['step_in_epoch']} of {phase.steps_per_epoch}."
-            )
-    else:
-        print(f"The {phase.name} phase: {phase.epochs} epochs of {phase.steps_per_epoch} steps.")
-
+    state, metric_values = _restore(phase)
     logger = _PhaseLogger(
         phase, state["epoch"], state["step_in_epoch"], state["elapsed_seconds"], metric_values
     )
-    callbacks = [
-        logger,
-        keras.callbacks.TensorBoard(
-            os.path.join(phase.directory, "tensorboard"), write_graph=False
-        ),
-    ]
+    callbacks = [logger, keras.callbacks.TensorBoard(phase.files.tensorboard, write_graph=False)]
     steps = phase.steps_per_epoch
     epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
     # The pipelines arrive shuffled by seed: Keras must not shuffle again.
@@ -221,7 +243,7 @@ def run_phase(phase: Phase, verbose: int | None = None) -> dict:
         fit_kwargs.update(validation_data=phase.test_data, validation_freq=phase.test_every)
     if epoch < phase.epochs and step_in_epoch:
         # The rest of the interrupted epoch, then the remaining epochs.
-        model.fit(
+        phase.model.fit(
             phase.dataset(epoch + 1, epoch * steps + step_in_epoch),
             epochs=epoch + 1,
             initial_epoch=epoch,
@@ -230,24 +252,13 @@ def run_phase(phase: Phase, verbose: int | None = None) -> dict:
         )
         epoch += 1
     if epoch < phase.epochs and logger.diverged_at is None:
-        model.fit(
+        phase.model.fit(
             phase.dataset(phase.epochs, epoch * steps),
             epochs=phase.epochs,
             initial_epoch=epoch,
             steps_per_epoch=steps,
             **fit_kwargs,
         )
-    ckpt = phase.checkpoint_path
     if logger.diverged_at is not None:
-        last = read_state(ckpt) if os.path.exists(ckpt) else None
-        kept = (
-            f"The last good checkpoint (epoch {last['epoch']}, step {last['step_in_epoch']}) "
-            f"is kept in {ckpt}"
-            if last
-            else "No checkpoint had been written yet"
-        )
-        raise TrainingDiverged(
-            f"The {phase.name} loss became NaN at epoch {logger.diverged_at[0] + 1}, step "
-            f"{logger.diverged_at[1]}. {kept}. {phase.diverged_hint}, then rerun with --resume."
-        )
-    return read_state(ckpt)
+        raise _diverged(phase, logger.diverged_at)
+    return read_state(phase.checkpoint_path)

@@ -1,6 +1,6 @@
 """The supernet phase: bilevel training with checkpoints, logs and resume.
 
-Artifacts under `WORKDIR/supernet/` (see `hmnas_keras.phase` for the common ones):
+Artifacts under `WORKDIR/supernet/` (see `hmnas_keras.pipeline.phase` for the common ones):
 - `checkpoint.npz`: weights, α, β, BN statistics, both optimizers' state,
   metric accumulators, epoch and step;
 - `metrics.csv`: one row per epoch;
@@ -10,22 +10,20 @@ Artifacts under `WORKDIR/supernet/` (see `hmnas_keras.phase` for the common ones
 """
 
 import dataclasses
-import os
 
 import keras
 import tensorflow as tf
 
-from hmnas_keras.bilevel import ArchStepPolicy, ArchStepSchedule, BilevelSearch
+from hmnas_keras.architecture.counting import parameter_counts
 from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
-from hmnas_keras.phase import CHECKPOINT_FILE, Phase, run_phase
-from hmnas_keras.searched import parameter_counts
-from hmnas_keras.supernet import Supernet
+from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
+from hmnas_keras.pipeline.workdir import SUPERNET_MODEL, Workdir
+from hmnas_keras.space.supernet import Supernet
+from hmnas_keras.training.arch_step import ArchStepPolicy, ArchStepSchedule
+from hmnas_keras.training.bilevel import BilevelSearch
 
-PHASE_DIR = "supernet"
-ARCH_HISTORY_FILE = "arch_history.jsonl"
-SUMMARY_FILE = "summary.json"
 CSV_COLUMNS = (
     "epoch",
     "loss",
@@ -61,7 +59,7 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
         ),
         seed=config.seed,
     )
-    supernet = Supernet(config.search_space, data.num_classes, name="supernet")
+    supernet = Supernet(config.search_space, data.num_classes, name=SUPERNET_MODEL)
     search = BilevelSearch(
         supernet,
         policy,
@@ -87,30 +85,14 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
     return search
 
 
-def state_variables(search: BilevelSearch) -> list:
-    """Every variable of the training state, in a fixed order."""
-    return (
-        list(search.supernet.variables)
-        + search.optimizer_variables
-        + list(search.metrics_variables)
-    )
-
-
-def checkpoint_path(workdir: str) -> str:
-    return os.path.join(workdir, PHASE_DIR, CHECKPOINT_FILE)
-
-
 def _row(search: BilevelSearch):
     def row(epoch, logs):
         took_arch_steps = logs.get("arch_step_fraction", 0.0) > 0
         return {
-            "loss": logs.get("loss"),
-            "accuracy": logs.get("accuracy"),
+            **test_columns(logs),
             "arch_loss": logs.get("arch_loss") if took_arch_steps else None,
             "arch_accuracy": logs.get("arch_accuracy") if took_arch_steps else None,
             "arch_step_fraction": logs.get("arch_step_fraction"),
-            "test_loss": logs.get("val_loss"),
-            "test_accuracy": logs.get("val_accuracy"),
             "learning_rate": float(search.weight_optimizer.learning_rate),
         }
 
@@ -120,29 +102,28 @@ def _row(search: BilevelSearch):
 def run_supernet_phase(
     config: RunConfig,
     data: SearchData,
-    workdir: str,
+    workdir: Workdir,
     strategy: tf.distribute.Strategy | None = None,
     verbose: int | None = None,
 ) -> SupernetResult:
     """Trains the supernet, resuming from `WORKDIR/supernet/checkpoint.npz` if present."""
     strategy = strategy or tf.distribute.get_strategy()
     train = config.supernet
-    phase_dir = os.path.join(workdir, PHASE_DIR)
     with strategy.scope():
         search = build_search(config, data)
     test_data = data.test_dataset()
     phase = Phase(
         name="supernet",
-        directory=phase_dir,
+        files=workdir.supernet,
         model=search,
-        state_variables=state_variables(search),
+        state_variables=search.state_variables,
         epochs=train.epochs,
         steps_per_epoch=data.steps_per_epoch,
         dataset=data.bilevel_dataset,
         columns=CSV_COLUMNS,
         row=_row(search),
         jsonl_logs={
-            ARCH_HISTORY_FILE: lambda epoch: {"weights": search.supernet.arch_weights_numpy()}
+            workdir.arch_history: lambda epoch: {"weights": search.supernet.arch_weights_numpy()}
         },
         test_data=test_data,
         test_every=train.test_every,
@@ -162,5 +143,5 @@ def run_supernet_phase(
         "wall_seconds": round(state["elapsed_seconds"], 2),
         "arch_weights": search.supernet.arch_weights_numpy(),
     }
-    write_json(os.path.join(phase_dir, SUMMARY_FILE), summary)
+    write_json(workdir.supernet.summary, summary)
     return SupernetResult(search, summary)

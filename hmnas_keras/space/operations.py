@@ -2,25 +2,18 @@
 
 Each operation is a Keras layer mapping a feature map to `channels` output
 channels at stride 1 or 2. `OPS` maps an operation name to its builder; the
-order of `OP_NAMES` is the order of the rows of α.
+order of `OP_NAMES` (`hmnas_keras.space.search_space`) is the order of α's
+columns. Every operation lists its maskable kernels in `kernel_layers()`.
 """
 
 from collections.abc import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
-OP_NAMES = (
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-)
+from hmnas_keras.space.maskable import MaskableDepthwiseConv2D, PointwiseConv
+from hmnas_keras.space.search_space import OP_NAMES
 
 # BatchNormalization inside the searched operations carries no affine
 # parameters, as in DARTS' supernet: op and edge weights provide the scale.
@@ -54,122 +47,6 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         return outputs
 
 
-# Set by `count_macs()` while it runs a network eagerly: one (layer, MACs,
-# non-zero MACs) record per call of a kernel layer.
-_MAC_RECORDS = None
-
-
-class MaskableKernel:
-    """A layer whose kernel can be transformed (masked) in the forward pass.
-
-    `kernel_transform` is None or a callable kernel -> kernel; the masking
-    phase sets it to M_w ⊙ w with a binarised, trainable mask, fine-tuning to a
-    constant 0/1 mask (so that pruned weights get zero gradients). The
-    variable itself is never changed by the transform.
-    """
-
-    kernel_transform = None
-
-    def masked_kernel(self):
-        if self.kernel_transform is None:
-            return self.kernel
-        return self.kernel_transform(self.kernel)
-
-    def _record_macs(self, outputs, kernel):
-        # Every maskable layer does prod(output spatial size) x kernel.size
-        # multiply-accumulates: convolutions, depthwise, 1x1 and dense alike.
-        if _MAC_RECORDS is not None:
-            positions = int(np.prod(outputs.shape[1:-1]))
-            nonzero = int(np.count_nonzero(ops.convert_to_numpy(kernel)))
-            _MAC_RECORDS.append((self, positions * int(np.prod(kernel.shape)), positions * nonzero))
-        return outputs
-
-
-def count_macs(model, images) -> tuple[int, int]:
-    """(MACs, non-zero MACs) of the kernel layers for one eager call on `images`.
-
-    Multiply-accumulates of convolutions and dense layers, the convention of
-    DARTS and the paper's "FLOPs"; non-zero MACs count only unmasked weights.
-    Divide by the batch size for a per-image figure.
-    """
-    global _MAC_RECORDS
-    _MAC_RECORDS = []
-    try:
-        model(images, training=False)
-        records = _MAC_RECORDS
-    finally:
-        _MAC_RECORDS = None
-    return sum(r[1] for r in records), sum(r[2] for r in records)
-
-
-class MaskableConv2D(MaskableKernel, keras.layers.Conv2D):
-    """Conv2D (no bias) with a maskable kernel (the stem)."""
-
-    def call(self, inputs):
-        if self.use_bias:
-            raise ValueError("MaskableConv2D supports use_bias=False only.")
-        kernel = self.masked_kernel()
-        return self._record_macs(self.convolution_op(inputs, kernel), kernel)
-
-
-class MaskableDepthwiseConv2D(MaskableKernel, keras.layers.DepthwiseConv2D):
-    """DepthwiseConv2D (no bias) with a maskable kernel."""
-
-    def call(self, inputs):
-        if self.use_bias:
-            raise ValueError("MaskableDepthwiseConv2D supports use_bias=False only.")
-        kernel = self.masked_kernel()
-        outputs = ops.depthwise_conv(
-            inputs,
-            kernel,
-            strides=self.strides,
-            padding=self.padding,
-            dilation_rate=self.dilation_rate,
-            data_format=self.data_format,
-        )
-        return self._record_macs(outputs, kernel)
-
-
-class MaskableDense(MaskableKernel, keras.layers.Dense):
-    """Dense with a maskable kernel (the classifier); the bias is not masked."""
-
-    def call(self, inputs):
-        kernel = self.masked_kernel()
-        outputs = ops.matmul(inputs, kernel)
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
-        return self._record_macs(outputs, kernel)
-
-
-class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
-    """A 1x1 convolution (no bias) computed as one matrix product.
-
-    TensorFlow's CPU kernels for the gradients of 1x1 convolutions were the
-    largest cost of a supernet step; a reshape and MatMul gives the same
-    result with fast gradients. Stride 2 subsamples first. The kernel has
-    Conv2D's shape (1, 1, in, out), so weights move freely between the two.
-    """
-
-    def __init__(self, filters: int, strides: int = 1, **kwargs):
-        super().__init__(filters, 1, strides=strides, use_bias=False, **kwargs)
-
-    def call(self, inputs):
-        if self.strides[0] > 1:
-            inputs = inputs[:, :: self.strides[0], :: self.strides[1], :]
-        shape = tf.shape(inputs)
-        masked = self.masked_kernel()
-        kernel = tf.reshape(masked, [inputs.shape[-1], self.filters])
-        outputs = tf.matmul(tf.reshape(inputs, [-1, inputs.shape[-1]]), kernel)
-        outputs = tf.reshape(outputs, tf.concat([shape[:-1], [self.filters]], axis=0))
-        return self._record_macs(outputs, masked)
-
-    def get_config(self):
-        config = super().get_config()
-        for key in ("kernel_size", "use_bias", "padding"):
-            config.pop(key, None)
-        return config
-
-
 def _batch_norm(name: str, affine: bool = False) -> keras.layers.BatchNormalization:
     return FusedBatchNorm(
         momentum=BN_MOMENTUM, epsilon=1e-5, center=affine, scale=affine, name=name
@@ -193,14 +70,17 @@ class ReLUConvBN(keras.layers.Layer):
     def call(self, x, training=None):
         return self.bn(self.conv(ops.relu(x)), training=training)
 
+    def kernel_layers(self) -> list:
+        return [self.conv]
+
     def get_config(self):
         config = super().get_config()
         config.update(channels=self.channels)
         return config
 
 
-class SepConv(keras.layers.Layer):
-    """A separable convolution applied twice (ReLU-DW-PW-BN, twice)."""
+class _ConvOp(keras.layers.Layer):
+    """An operation with `channels` outputs, a square `kernel_size` and a `stride`."""
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
         super().__init__(**kwargs)
@@ -208,6 +88,18 @@ class SepConv(keras.layers.Layer):
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, kernel_size=self.kernel_size, stride=self.stride)
+        return config
+
+
+class SepConv(_ConvOp):
+    """A separable convolution applied twice (ReLU-DW-PW-BN, twice)."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
+        super().__init__(channels, kernel_size, stride, **kwargs)
         self.depthwise_1 = MaskableDepthwiseConv2D(
             kernel_size, strides=stride, padding="same", use_bias=False, name="depthwise_1"
         )
@@ -223,13 +115,11 @@ class SepConv(keras.layers.Layer):
         x = self.bn_1(self.pointwise_1(self.depthwise_1(ops.relu(x))), training=training)
         return self.bn_2(self.pointwise_2(self.depthwise_2(ops.relu(x))), training=training)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(channels=self.channels, kernel_size=self.kernel_size, stride=self.stride)
-        return config
+    def kernel_layers(self) -> list:
+        return [self.depthwise_1, self.pointwise_1, self.depthwise_2, self.pointwise_2]
 
 
-class DilConv(keras.layers.Layer):
+class DilConv(_ConvOp):
     """A dilated (rate 2) separable convolution: ReLU-DW-PW-BN.
 
     At stride 2 the outputs sit on even positions, where a rate-2 kernel only
@@ -240,11 +130,7 @@ class DilConv(keras.layers.Layer):
     """
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        _check_stride(stride)
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.stride = stride
+        super().__init__(channels, kernel_size, stride, **kwargs)
         self.depthwise = MaskableDepthwiseConv2D(
             kernel_size,
             dilation_rate=2 if stride == 1 else 1,
@@ -261,10 +147,8 @@ class DilConv(keras.layers.Layer):
             x = x[:, ::2, ::2, :]
         return self.bn(self.pointwise(self.depthwise(x)), training=training)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(channels=self.channels, kernel_size=self.kernel_size, stride=self.stride)
-        return config
+    def kernel_layers(self) -> list:
+        return [self.depthwise, self.pointwise]
 
 
 class Pool(keras.layers.Layer):
@@ -286,6 +170,9 @@ class Pool(keras.layers.Layer):
 
     def call(self, x, training=None):
         return self.bn(self.pool(x), training=training)
+
+    def kernel_layers(self) -> list:
+        return []
 
     def get_config(self):
         config = super().get_config()
@@ -311,6 +198,9 @@ class FactorizedReduce(keras.layers.Layer):
         x = ops.concatenate([self.conv_1(x), self.conv_2(shifted)], axis=-1)
         return self.bn(x, training=training)
 
+    def kernel_layers(self) -> list:
+        return [self.conv_1, self.conv_2]
+
     def get_config(self):
         config = super().get_config()
         config.update(channels=self.channels)
@@ -322,6 +212,9 @@ class Identity(keras.layers.Layer):
 
     def call(self, x, training=None):
         return x
+
+    def kernel_layers(self) -> list:
+        return []
 
 
 def _skip_connect(channels: int, stride: int, name: str) -> keras.layers.Layer:
@@ -337,13 +230,6 @@ OPS: dict[str, Callable[[int, int, str], keras.layers.Layer]] = {
     "avg_pool_3x3": lambda c, s, name: Pool(c, "avg", s, name=name),
     "skip_connect": _skip_connect,
 }
-
-
-def is_parameter_free(op_name: str, stride: int) -> bool:
-    """Pooling (with its affine-free BN) and the stride-1 identity have no weights."""
-    return op_name in ("max_pool_3x3", "avg_pool_3x3") or (
-        op_name == "skip_connect" and stride == 1
-    )
 
 
 def build_op(

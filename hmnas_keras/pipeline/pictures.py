@@ -28,10 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-from hmnas_keras.architecture import ARCHITECTURE_FILE, read_architecture  # noqa: E402
+from hmnas_keras.architecture.architecture_json import read_architecture  # noqa: E402
+from hmnas_keras.pipeline.workdir import Workdir  # noqa: E402
+from hmnas_keras.space.search_space import cell_edges  # noqa: E402
 
-PICTURES_DIR = "pictures"
-ARCH_HISTORY = os.path.join("supernet", "arch_history.jsonl")
 SHORT_NAMES = {
     "sep_conv_3x3": "sep3",
     "sep_conv_5x5": "sep5",
@@ -52,9 +52,7 @@ def _short(op_name: str) -> str:
 
 
 def _edge_label(edge: dict) -> str:
-    ops = ", ".join(
-        f"{SHORT_NAMES.get(op['name'], op['name'])} {op['weight']:.2f}" for op in edge["ops"]
-    )
+    ops = ", ".join(f"{_short(op['name'])} {op['weight']:.2f}" for op in edge["ops"])
     return f"β {edge['weight']:.2f}: {ops}"
 
 
@@ -101,20 +99,24 @@ def _edge_name(index: int) -> str:
     return letters[index % 26] * (1 + index // 26)
 
 
-def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> list[str]:
-    """Draws one cell type to PATH_STEM.png, .svg and .dot; returns the paths written.
+def _label_point(start, end, rad: float, source: int, target: int) -> tuple[float, float]:
+    """A point on matplotlib's arc3 curve between `start` and `end`, where the edge's label goes.
 
-    Each edge carries a letter and its weight; the table on the right lists
-    the ops of every lettered edge with their weights.
+    arc3 is a quadratic Bézier (equal aspect, so data and display directions
+    agree); labels of later sources sit further along, so they spread out.
     """
-    alive = set(cell["alive_nodes"])
-    positions = _positions(num_nodes)
-    figure, (axes, table) = plt.subplots(
-        1,
-        2,
-        figsize=(3.0 * (num_nodes + 2) + 4.5, 6.0),
-        gridspec_kw={"width_ratios": [2.0 * (num_nodes + 2), 4.5]},
+    control = (
+        (start[0] + end[0]) / 2 + rad * (end[1] - start[1]),
+        (start[1] + end[1]) / 2 - rad * (end[0] - start[0]),
     )
+    t = 0.3 + 0.4 * source / max(1, target - 1)
+    return tuple(
+        (1 - t) ** 2 * start[i] + 2 * t * (1 - t) * control[i] + t**2 * end[i] for i in (0, 1)
+    )
+
+
+def _draw_edges(axes, cell: dict, positions: dict) -> list[str]:
+    """Draws each surviving edge with its letter and weight; returns the op table's rows."""
     rows = []
     for index, edge in enumerate(cell["edges"]):
         start, end = positions[edge["source"]], positions[edge["target"]]
@@ -133,16 +135,7 @@ def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> lis
                 alpha=0.8,
             )
         )
-        # A point on matplotlib's arc3 curve (a quadratic Bézier; equal aspect, so data and
-        # display directions agree), further along for later sources so labels spread out.
-        control = (
-            (start[0] + end[0]) / 2 + rad * (end[1] - start[1]),
-            (start[1] + end[1]) / 2 - rad * (end[0] - start[0]),
-        )
-        t = 0.3 + 0.4 * edge["source"] / max(1, edge["target"] - 1)
-        middle_x, middle_y = (
-            (1 - t) ** 2 * start[i] + 2 * t * (1 - t) * control[i] + t**2 * end[i] for i in (0, 1)
-        )
+        middle_x, middle_y = _label_point(start, end, rad, edge["source"], edge["target"])
         name = _edge_name(index)
         axes.text(
             middle_x,
@@ -153,11 +146,14 @@ def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> lis
             va="center",
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9, "linewidth": 0.3},
         )
-        ops = " ".join(
-            f"{SHORT_NAMES.get(op['name'], op['name'])} {op['weight']:.2f}" for op in edge["ops"]
-        )
+        ops = " ".join(f"{_short(op['name'])} {op['weight']:.2f}" for op in edge["ops"])
         route = f"{_node_label(edge['source'])}→{_node_label(edge['target'])}"
         rows.append(f"{name}  {route:<11} β {edge['weight']:.3f}\n   {ops}")
+    return rows
+
+
+def _draw_nodes(axes, alive: set, positions: dict) -> None:
+    """The nodes (dead ones grey) and the dashed arrows of the alive nodes into the output."""
     for node in sorted(alive):
         axes.annotate(
             "",
@@ -190,6 +186,23 @@ def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> lis
             color=text_color,
             bbox={"boxstyle": "round,pad=0.5", "facecolor": color, "edgecolor": "#636363"},
         )
+
+
+def draw_cell(cell_type: str, cell: dict, num_nodes: int, path_stem: str) -> list[str]:
+    """Draws one cell type to PATH_STEM.png, .svg and .dot; returns the paths written.
+
+    Each edge carries a letter and its weight; the table on the right lists
+    the ops of every lettered edge with their weights.
+    """
+    positions = _positions(num_nodes)
+    figure, (axes, table) = plt.subplots(
+        1,
+        2,
+        figsize=(3.0 * (num_nodes + 2) + 4.5, 6.0),
+        gridspec_kw={"width_ratios": [2.0 * (num_nodes + 2), 4.5]},
+    )
+    rows = _draw_edges(axes, cell, positions)
+    _draw_nodes(axes, set(cell["alive_nodes"]), positions)
     axes.set_xlim(-0.8, 2.0 * (num_nodes + 1) + 0.8)
     axes.set_ylim(-2.6, 2.6)
     axes.set_aspect("equal")
@@ -279,7 +292,7 @@ def read_arch_history(path: str) -> list[dict]:
 def draw_edge_weights(history: list[dict], num_nodes: int, path: str) -> str:
     """softmax(β) of every edge after each supernet epoch, one panel per cell type (Fig. 4)."""
     cell_types = list(history[0]["weights"])
-    edges = [(s, t) for t in range(2, num_nodes + 2) for s in range(t)]
+    edges = cell_edges(num_nodes)
     figure, panels = plt.subplots(
         1, len(cell_types), figsize=(6 * len(cell_types), 4), squeeze=False
     )
@@ -306,10 +319,10 @@ def draw_edge_weights(history: list[dict], num_nodes: int, path: str) -> str:
     return path
 
 
-def draw_workdir(workdir: str) -> list[str]:
+def draw_workdir(workdir: Workdir) -> list[str]:
     """Draws every picture WORKDIR's files allow; returns the paths written."""
-    architecture = read_architecture(os.path.join(workdir, ARCHITECTURE_FILE))
-    directory = os.path.join(workdir, PICTURES_DIR)
+    architecture = read_architecture(workdir.architecture)
+    directory = workdir.pictures
     os.makedirs(directory, exist_ok=True)
     num_nodes = architecture["search_space"]["num_nodes"]
     written = []
@@ -319,9 +332,8 @@ def draw_workdir(workdir: str) -> list[str]:
         )
     written.append(draw_incoming_edges(architecture, os.path.join(directory, "incoming_edges.png")))
     written.append(draw_ops_per_edge(architecture, os.path.join(directory, "ops_per_edge.png")))
-    history_path = os.path.join(workdir, ARCH_HISTORY)
-    if os.path.exists(history_path):
-        history = read_arch_history(history_path)
+    if os.path.exists(workdir.arch_history):
+        history = read_arch_history(workdir.arch_history)
         if history:
             written.append(
                 draw_edge_weights(history, num_nodes, os.path.join(directory, "edge_weights.png"))

@@ -27,14 +27,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from hmnas_keras.operations import (
-    DilConv,
-    FactorizedReduce,
-    Identity,
-    Pool,
-    SepConv,
-)
-from hmnas_keras.supernet import edge_index
+from hmnas_keras.architecture.counting import macs
+from hmnas_keras.architecture.counting import parameter_counts as variable_counts
+from hmnas_keras.space.operations import DilConv, FactorizedReduce, Identity, Pool, SepConv
+from hmnas_keras.space.search_space import edge_index
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -48,12 +44,19 @@ class _Builder:
         self.folded = set()  # names of BatchNormalization layers that carry a folded scale
         self._relu = {}
         self._pooled = {}
+        self._producers = {}  # id(tensor) -> name of the layer that made it (node tensors)
+
+    def named(self, layer, x):
+        """`layer(x)`, remembering that `layer` made the result (ReLU and pooling are named so)."""
+        output = layer(x)
+        self._producers[id(output)] = layer.name
+        return output
 
     def relu(self, x):
         # One ReLU per tensor, named after the layer that made it: every op
         # reading the same node shares it.
         if id(x) not in self._relu:
-            name = f"{x._keras_history[0].name}.relu"
+            name = f"{self._producers[id(x)]}.relu"
             self._relu[id(x)] = (x, keras.layers.ReLU(name=name)(x))
         return self._relu[id(x)][1]
 
@@ -95,7 +98,7 @@ class _Builder:
         weights = [w for w in (gamma, beta) if w is not None]
         weights += [_numpy(source.moving_mean), _numpy(source.moving_variance)]
         self.assignments.append((layer, [w.astype("float32") for w in weights]))
-        return layer(x)
+        return self.named(layer, x)
 
     def factorized_reduce(self, source, x, name, scale=None):
         x = self.relu(x)
@@ -132,7 +135,7 @@ class _Builder:
                 3,
                 strides=source.stride,
                 padding="same",
-                name=f"{x._keras_history[0].name}.{source.kind}_pool_s{source.stride}",
+                name=f"{self._producers[id(x)]}.{source.kind}_pool_s{source.stride}",
             )
             self._pooled[key] = (x, pooled(x))
         return self.batch_norm(source.bn, self._pooled[key][1], f"{name}.bn", scale)
@@ -148,7 +151,7 @@ class _Builder:
         if isinstance(source, Pool):
             return self.pool(source, x, name, scale)
         if isinstance(source, Identity):
-            return keras.layers.Rescaling(scale, name=f"{name}.scale")(x)
+            return self.named(keras.layers.Rescaling(scale, name=f"{name}.scale"), x)
         raise TypeError(f"No compact form for {name} ({type(source).__name__}).")
 
     def dil_conv(self, source, x, name, scale):
@@ -186,13 +189,13 @@ def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str
                 layer = mixed_op.candidates.get(op_name) or cell.source_ops[source][op_name]
                 name = f"{prefix}.edge_{source}_{target}.{op_name}"
                 terms.append(builder.op(layer, nodes[source], name, scale))
-        nodes[target] = (
-            keras.layers.Add(name=f"{prefix}.node_{target}")(terms) if len(terms) > 1 else terms[0]
-        )
+        if len(terms) > 1:
+            terms = [builder.named(keras.layers.Add(name=f"{prefix}.node_{target}"), terms)]
+        nodes[target] = terms[0]
     outputs = [nodes[node] for node in cell.alive_nodes]
     if len(outputs) == 1:
         return outputs[0]
-    return keras.layers.Concatenate(name=f"{prefix}.concat")(outputs)
+    return builder.named(keras.layers.Concatenate(name=f"{prefix}.concat"), outputs)
 
 
 def compact_model(network, name: str = "compact") -> keras.Model:
@@ -234,19 +237,15 @@ def compact_model(network, name: str = "compact") -> keras.Model:
 def kernel_macs(model: keras.Model) -> dict:
     """Multiply-accumulates per image of the compact model's convolutions and dense layer.
 
-    Same convention as `operations.count_macs`: output positions x kernel
-    entries (dense), output positions x non-zero kernel entries (non-zero).
+    The convention of `hmnas_keras.architecture.counting`: output positions x
+    kernel entries (dense), output positions x non-zero kernel entries.
     """
-    macs = nonzero = 0
-    for layer in model.layers:
-        if isinstance(
-            layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.Dense
-        ):
-            kernel = _numpy(layer.kernel)
-            positions = int(np.prod(layer.output.shape[1:-1]))
-            macs += positions * kernel.size
-            nonzero += positions * int(np.count_nonzero(kernel))
-    return {"macs": macs, "nonzero_macs": nonzero}
+    kernel_types = keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.Dense
+    return macs(
+        (_numpy(layer.kernel), int(np.prod(layer.output.shape[1:-1])))
+        for layer in model.layers
+        if isinstance(layer, kernel_types)
+    )
 
 
 def parameter_counts(model: keras.Model) -> dict:
@@ -257,13 +256,10 @@ def parameter_counts(model: keras.Model) -> dict:
     figures compare with the searched network's.
     """
     folded = set(getattr(model, "folded_scales", ()))
-    dense = nonzero = scales = 0
+    learned, scales = [], 0
     for layer in model.layers:
-        for variable in layer.trainable_weights:
-            value = _numpy(variable)
-            if isinstance(layer, keras.layers.BatchNormalization) and layer.name in folded:
-                scales += value.size
-                continue
-            dense += value.size
-            nonzero += int(np.count_nonzero(value))
-    return {"dense": int(dense), "nonzero": int(nonzero), "folded_scales": int(scales)}
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.name in folded:
+            scales += sum(int(np.prod(v.shape)) for v in layer.trainable_weights)
+        else:
+            learned += layer.trainable_weights
+    return {**variable_counts(learned), "folded_scales": scales}

@@ -12,35 +12,25 @@ statistics, optimizer state, metric accumulators, epoch, step), `metrics.csv`,
 `tensorboard/`, `summary.json`.
 """
 
-import os
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from hmnas_keras import architecture as arch_lib
-from hmnas_keras.checkpoint import write_json
-from hmnas_keras.config import RunConfig
-from hmnas_keras.data import SearchData
-from hmnas_keras.derive import (
-    load_supernet_arrays,
-    read_weight_masks,
-    supernet_checkpoint_path,
-)
-from hmnas_keras.mask_phase import checkpoint_path as mask_checkpoint_path
-from hmnas_keras.phase import Phase, run_phase
-from hmnas_keras.searched import (
-    FineTune,
+from hmnas_keras.architecture.architecture_json import ArchitectureError, read_architecture
+from hmnas_keras.architecture.counting import flop_counts, parameter_counts
+from hmnas_keras.architecture.searched_network import (
     SearchedNetwork,
-    flop_counts,
     inherit_weights,
-    parameter_counts,
-    relative_path,
     to_searched,
 )
+from hmnas_keras.checkpoint import relative_path, write_json
+from hmnas_keras.config import RunConfig
+from hmnas_keras.data import SearchData
+from hmnas_keras.pipeline.derive_phase import read_weight_masks
+from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
+from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, Workdir
+from hmnas_keras.training.finetune import FineTune
 
-PHASE_DIR = "finetune"
-SUMMARY_FILE = "summary.json"
 CSV_COLUMNS = (
     "epoch",
     "loss",
@@ -52,36 +42,38 @@ CSV_COLUMNS = (
 )
 
 
-def inherited_arrays(config: RunConfig, workdir: str, architecture: dict) -> dict:
+def inherited_arrays(workdir: Workdir, architecture: dict) -> dict:
     """The supernet weights the searched network starts from.
 
     After masking: the masked supernet (its BN statistics follow the masked
     network). Otherwise: the trained supernet.
     """
     if architecture["derivation"] == "masks":
-        return load_supernet_arrays(mask_checkpoint_path(workdir), "the masked supernet")
-    return load_supernet_arrays(
-        supernet_checkpoint_path(config, workdir), "the trained supernet's weights"
-    )
+        return workdir.masked_supernet_arrays()
+    return workdir.supernet_arrays("the trained supernet's weights")
 
 
-def build_finetune(config: RunConfig, data: SearchData, workdir: str, architecture: dict):
-    """The compiled, built FineTune with its starting weights (call inside a strategy scope)."""
-    train = config.finetune
+def _check_data(architecture: dict, data: SearchData) -> None:
     if tuple(architecture["image_shape"]) != data.image_shape:
-        raise arch_lib.ArchitectureError(
+        raise ArchitectureError(
             f"The architecture was searched on {architecture['image_shape']} images; this data "
             f"has {list(data.image_shape)}. Use the same --image_size."
         )
     if architecture["num_classes"] != data.num_classes:
-        raise arch_lib.ArchitectureError(
+        raise ArchitectureError(
             f"The architecture has {architecture['num_classes']} classes; this data has "
             f"{data.num_classes}."
         )
+
+
+def build_finetune(config: RunConfig, data: SearchData, workdir: Workdir, architecture: dict):
+    """The compiled, built FineTune with its starting weights (call inside a strategy scope)."""
+    train = config.finetune
+    _check_data(architecture, data)
     keras.utils.set_random_seed(config.seed)
-    network = SearchedNetwork(architecture, name="searched").build_network()
+    network = SearchedNetwork(architecture, name=SEARCHED_MODEL).build_network()
     if config.finetune_init == "inherited":
-        inherit_weights(network, architecture, inherited_arrays(config, workdir, architecture))
+        inherit_weights(network, architecture, inherited_arrays(workdir, architecture))
         masks = read_weight_masks(workdir, architecture)
         if masks is not None:
             network.apply_weight_masks(to_searched(architecture, masks))
@@ -102,51 +94,65 @@ def build_finetune(config: RunConfig, data: SearchData, workdir: str, architectu
     return finetune
 
 
-def state_variables(finetune: FineTune) -> list:
-    return (
-        list(finetune.network.variables)
-        + list(finetune.optimizer.variables)
-        + list(finetune.metrics_variables)
-    )
+def _read_trainable_architecture(workdir: Workdir) -> dict:
+    architecture = read_architecture(workdir.architecture)
+    if architecture.get("degenerate"):
+        raise ArchitectureError(
+            f"Nothing to fine-tune: {architecture['degenerate']}. Mask less aggressively "
+            "(lower --mask_weight_learning_rate/--mask_arch_learning_rate, fewer --mask_epochs) "
+            "or use --derivation=darts."
+        )
+    return architecture
+
+
+def _summary(config, data, workdir, architecture, finetune, test, state) -> dict:
+    network = finetune.network
+    train = config.finetune
+    summary = {
+        "epochs": train.epochs,
+        "steps": train.epochs * data.train_steps_per_epoch,
+        "init": config.finetune_init,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "parameters": parameter_counts(network.trainable_variables),
+        "flops": flop_counts(network),
+        "wall_seconds": round(state["elapsed_seconds"], 2),
+    }
+    masks = read_weight_masks(workdir, architecture)
+    if masks is not None and config.finetune_init == "inherited":
+        summary["pruned_weights_zero"] = pruned_weights_are_zero(
+            network, to_searched(architecture, masks)
+        )
+    return summary
 
 
 def run_finetune_phase(
     config: RunConfig,
     data: SearchData,
-    workdir: str,
+    workdir: Workdir,
     strategy: tf.distribute.Strategy | None = None,
     verbose: int | None = None,
 ) -> dict:
     """Fine-tunes the searched network of WORKDIR/architecture.json (resuming if possible)."""
     strategy = strategy or tf.distribute.get_strategy()
     train = config.finetune
-    phase_dir = os.path.join(workdir, PHASE_DIR)
-    architecture = arch_lib.read_architecture(os.path.join(workdir, arch_lib.ARCHITECTURE_FILE))
-    if architecture.get("degenerate"):
-        raise arch_lib.ArchitectureError(
-            f"Nothing to fine-tune: {architecture['degenerate']}. Mask less aggressively "
-            "(lower --mask_weight_learning_rate/--mask_arch_learning_rate, fewer --mask_epochs) "
-            "or use --derivation=darts."
-        )
+    architecture = _read_trainable_architecture(workdir)
     with strategy.scope():
         finetune = build_finetune(config, data, workdir, architecture)
     test_data = data.test_dataset()
 
     def row(epoch, logs):
         return {
-            "loss": logs.get("loss"),
-            "accuracy": logs.get("accuracy"),
-            "test_loss": logs.get("val_loss"),
-            "test_accuracy": logs.get("val_accuracy"),
+            **test_columns(logs),
             "learning_rate": float(finetune.optimizer.learning_rate),
         }
 
     cutout = data.config.cutout_size > 0
     phase = Phase(
         name="finetune",
-        directory=phase_dir,
+        files=workdir.finetune,
         model=finetune,
-        state_variables=state_variables(finetune),
+        state_variables=finetune.state_variables,
         epochs=train.epochs,
         steps_per_epoch=data.train_steps_per_epoch,
         dataset=lambda epochs, start: data.train_dataset(epochs, start, cutout=cutout),
@@ -159,23 +165,8 @@ def run_finetune_phase(
     )
     state = run_phase(phase, verbose)
     test = finetune.evaluate(test_data, verbose=0, return_dict=True)
-    network = finetune.network
-    summary = {
-        "epochs": train.epochs,
-        "steps": train.epochs * data.train_steps_per_epoch,
-        "init": config.finetune_init,
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
-        "parameters": parameter_counts(network.trainable_variables),
-        "flops": flop_counts(network, data.image_shape),
-        "wall_seconds": round(state["elapsed_seconds"], 2),
-    }
-    masks = read_weight_masks(workdir, architecture)
-    if masks is not None and config.finetune_init == "inherited":
-        summary["pruned_weights_zero"] = pruned_weights_are_zero(
-            network, to_searched(architecture, masks)
-        )
-    write_json(os.path.join(phase_dir, SUMMARY_FILE), summary)
+    summary = _summary(config, data, workdir, architecture, finetune, test, state)
+    write_json(workdir.finetune.summary, summary)
     return summary
 
 

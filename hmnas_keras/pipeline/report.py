@@ -8,30 +8,16 @@ also the count over non-zero weights) and the wall time of the phase that made i
 After the export phase, an "export" section: the exported files and their
 sizes, the compact model's parameters and FLOPs, the parity errors of every
 export, and onnxruntime latency and throughput against Keras
-(`hmnas_keras.export`); "pictures" lists the drawings of the cells.
+(`hmnas_keras.pipeline.export_phase`); "pictures" lists the drawings of the cells.
 """
 
-import json
 import os
 
-from hmnas_keras.architecture import ARCHITECTURE_FILE
 from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
-from hmnas_keras.derive import SEARCHED_FILE, supernet_checkpoint_path
-from hmnas_keras.export import EXPORT_DIR
-from hmnas_keras.export import SUMMARY_FILE as EXPORT_SUMMARY_FILE
-from hmnas_keras.export import format_summary as format_export_summary
-from hmnas_keras.pictures import PICTURES_DIR
-
-REPORT_FILE = "report.json"
-REPORT_TEXT_FILE = "report.txt"
-
-
-def _read(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)
+from hmnas_keras.pipeline.export_phase import format_summary as format_export_summary
+from hmnas_keras.pipeline.workdir import Workdir
+from hmnas_keras.pipeline.workdir import read_json_if_exists as _read
 
 
 def _row(test_accuracy, parameters, flops, wall_seconds, supernet_parameters) -> dict:
@@ -47,14 +33,12 @@ def _row(test_accuracy, parameters, flops, wall_seconds, supernet_parameters) ->
     }
 
 
-def build_report(config: RunConfig, workdir: str) -> dict:
-    """Collects the phases' summaries in WORKDIR into the report dictionary."""
-    architecture = _read(os.path.join(workdir, ARCHITECTURE_FILE))
-    supernet_dir = os.path.dirname(supernet_checkpoint_path(config, workdir))
-    supernet = _read(os.path.join(supernet_dir, "summary.json"))
-    mask = _read(os.path.join(workdir, "mask", "summary.json"))
-    searched = _read(os.path.join(workdir, SEARCHED_FILE))
-    finetune = _read(os.path.join(workdir, "finetune", "summary.json"))
+def _rows(workdir: Workdir, architecture: dict | None) -> dict:
+    """The Table-3 rows: supernet, searched network, fine-tuned network (those that exist)."""
+    supernet = _read(workdir.trained_supernet_summary)
+    mask = _read(workdir.mask.summary)
+    searched = _read(workdir.searched_summary)
+    finetune = _read(workdir.finetune.summary)
     parameters = (architecture or {}).get("parameters", {})
     flops = (architecture or {}).get("flops", {})
     supernet_parameters = parameters.get("supernet")
@@ -67,8 +51,8 @@ def build_report(config: RunConfig, workdir: str) -> dict:
             (supernet or {}).get("wall_seconds"),
             supernet_parameters,
         )
-        if supernet_dir != os.path.join(workdir, "supernet"):
-            rows["supernet"]["from"] = supernet_dir
+        if workdir.uses_other_supernet:
+            rows["supernet"]["from"] = os.path.dirname(workdir.trained_supernet)
     if searched:
         wall = mask["wall_seconds"] if mask and searched["derivation"] == "masks" else None
         rows["searched"] = _row(
@@ -87,8 +71,28 @@ def build_report(config: RunConfig, workdir: str) -> dict:
             supernet_parameters,
         )
         rows["finetuned"]["epochs"] = finetune["epochs"]
+    return rows
+
+
+def _cells(architecture: dict) -> dict:
+    return {
+        cell_type: {
+            "edges": len(cell["edges"]),
+            "ops": cell["ops_kept"],
+            "alive_nodes": cell["alive_nodes"],
+            "dead_nodes": cell["dead_nodes"],
+            "incoming_edges": cell["incoming_edges"],
+        }
+        for cell_type, cell in architecture["cells"].items()
+    }
+
+
+def build_report(config: RunConfig, workdir: Workdir) -> dict:
+    """Collects the phases' summaries in WORKDIR into the report dictionary."""
+    architecture = _read(workdir.architecture)
+    rows = _rows(workdir, architecture)
     report = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": os.path.abspath(workdir.root),
         "dataset": config.data.dataset,
         "derivation": config.derivation,
         "finetune_init": config.finetune_init,
@@ -100,28 +104,19 @@ def build_report(config: RunConfig, workdir: str) -> dict:
             sum(r["wall_seconds"] or 0.0 for r in rows.values() if "from" not in r), 2
         ),
     }
-    export = _read(os.path.join(workdir, EXPORT_DIR, EXPORT_SUMMARY_FILE))
+    export = _read(workdir.export.summary)
     if export:
         report["export"] = export
         report["total_wall_seconds"] = round(
             report["total_wall_seconds"] + export["export_seconds"], 2
         )
-    pictures = os.path.join(workdir, PICTURES_DIR)
-    if os.path.isdir(pictures):
+    if os.path.isdir(workdir.pictures):
         report["pictures"] = sorted(
-            os.path.join(PICTURES_DIR, name) for name in os.listdir(pictures)
+            workdir.relative(os.path.join(workdir.pictures, name))
+            for name in os.listdir(workdir.pictures)
         )
     if architecture:
-        report["cells"] = {
-            cell_type: {
-                "edges": len(cell["edges"]),
-                "ops": cell["ops_kept"],
-                "alive_nodes": cell["alive_nodes"],
-                "dead_nodes": cell["dead_nodes"],
-                "incoming_edges": cell["incoming_edges"],
-            }
-            for cell_type, cell in architecture["cells"].items()
-        }
+        report["cells"] = _cells(architecture)
     return report
 
 
@@ -164,10 +159,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(config: RunConfig, workdir: str) -> tuple[dict, str]:
+def write_report(config: RunConfig, workdir: Workdir) -> tuple[dict, str]:
+    """Writes WORKDIR/report.json and report.txt; returns the report and its text."""
     report = build_report(config, workdir)
     text = format_report(report)
-    write_json(os.path.join(workdir, REPORT_FILE), report)
-    with open(os.path.join(workdir, REPORT_TEXT_FILE), "w") as handle:
+    write_json(workdir.report, report)
+    with open(workdir.report_text, "w") as handle:
         handle.write(text + "\n")
     return report, text

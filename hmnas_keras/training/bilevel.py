@@ -6,126 +6,27 @@ first (optionally) updates α, β on the architecture batch with the arch
 optimizer, then updates the network weights on the weight batch.
 
 Whether an iteration takes the architecture step is decided on the host by an
-`ArchStepPolicy` (warm-up, then probability σ(t) drawn from a generator seeded
-by (seed, iteration)), and the iteration runs one of two traced functions: one
-with the architecture step, one without. An optimizer step inside `tf.cond`
-fails under `MirroredStrategy`, and a zero gradient would still move Adam.
+`ArchStepPolicy` (`hmnas_keras.training.arch_step`: warm-up, then probability
+σ(t)), and the iteration runs one of two traced functions: one with the
+architecture step, one without. An optimizer step inside `tf.cond` fails under
+`MirroredStrategy`, and a zero gradient would still move Adam.
 """
 
-import dataclasses
-import math
-
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.supernet import Supernet
-from hmnas_keras.trainer import cross_entropy
-
-SCHEDULES = ("constant", "linear", "cosine", "step")
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchStepSchedule:
-    """σ(t): the probability of an architecture step t iterations after warm-up.
-
-    σ(0) = 1 and σ is non-increasing:
-    - constant: 1 forever;
-    - linear: from 1 down to `final_prob` over `decay_steps`, then flat;
-    - cosine: half a cosine from 1 down to `final_prob` over `decay_steps`;
-    - step: 1 for `decay_steps` iterations, then `final_prob`.
-    """
-
-    kind: str = "constant"
-    final_prob: float = 0.0
-    decay_steps: int = 1
-
-    def __post_init__(self):
-        if self.kind not in SCHEDULES:
-            raise ValueError(
-                f"Received an unknown schedule, expected one of {', '.join(SCHEDULES)}. "
-                f"Received: kind={self.kind!r}"
-            )
-        if not 0.0 <= self.final_prob <= 1.0:
-            raise ValueError(
-                "Received an invalid final_prob, expected a probability in [0, 1]. "
-                f"Received: final_prob={self.final_prob}"
-            )
-        if self.decay_steps < 1:
-            raise ValueError(
-                "Received an invalid decay_steps, expected a positive integer. "
-                f"Received: decay_steps={self.decay_steps}"
-            )
-
-    def __call__(self, t: int) -> float:
-        if self.kind == "constant":
-            return 1.0
-        progress = min(max(t, 0), self.decay_steps) / self.decay_steps
-        if self.kind == "linear":
-            return 1.0 - (1.0 - self.final_prob) * progress
-        if self.kind == "cosine":
-            return self.final_prob + (1.0 - self.final_prob) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-        return 1.0 if t < self.decay_steps else self.final_prob
+from hmnas_keras.space.supernet import Supernet
+from hmnas_keras.training.arch_step import ArchStepPolicy
+from hmnas_keras.training.trainer import NetworkTrainer, cross_entropy, replica_scale
 
 
-@dataclasses.dataclass(frozen=True)
-class ArchStepPolicy:
-    """Decides, for a global iteration, whether α and β are updated.
-
-    Stateless: the decision for iteration i depends only on (seed, i), so a
-    resumed run takes exactly the same decisions as an uninterrupted one.
-    """
-
-    warmup_steps: int = 0
-    schedule: ArchStepSchedule = ArchStepSchedule()
-    seed: int = 0
-
-    def probability(self, iteration: int) -> float:
-        if iteration < self.warmup_steps:
-            return 0.0
-        return self.schedule(iteration - self.warmup_steps)
-
-    def should_step(self, iteration: int) -> bool:
-        probability = self.probability(iteration)
-        if probability >= 1.0:
-            return True
-        if probability <= 0.0:
-            return False
-        return bool(np.random.default_rng([self.seed, iteration]).random() < probability)
-
-
-def _global_gradients(grads):
-    """Sums per-replica gradients, so that clipping sees the whole batch's gradient."""
-    strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync > 1:
-        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-    return grads
-
-
-def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_norm):
-    """One SGD-style update as in DARTS: global-norm clip, coupled L2 decay, apply.
-
-    Under a distribution strategy the per-replica gradients are summed first,
-    so that the clip sees the global gradient; the optimizer then sums what each
-    replica passes, so each hands it 1/replicas of the total.
-    """
-    scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-    grads = [g * scale for g in _global_gradients(grads)]
-    if grad_clip_norm > 0:
-        grads, _ = tf.clip_by_global_norm(grads, grad_clip_norm)
-    grads = [(g + weight_decay * v.value) * scale for g, v in zip(grads, variables, strict=True)]
-    optimizer.apply(grads, variables)
-
-
-class BilevelSearch(keras.Model):
+class BilevelSearch(NetworkTrainer):
     """Trains a `Supernet`'s weights and architecture parameters in a bilevel way.
 
     Args:
         supernet: the network to train.
-        policy: when to take the architecture step.
+        policy: when to take the architecture step (default: every iteration).
         second_order: use DARTS' unrolled architecture gradient.
         weight_decay: L2 decay added to the weight gradients (coupled, as in
             PyTorch's SGD).
@@ -133,12 +34,15 @@ class BilevelSearch(keras.Model):
         grad_clip_norm: global-norm clip of the weight gradients (0 disables).
         hvp_radius: the second-order finite-difference step is
             hvp_radius / ‖∇_{w'} L_val‖ (DARTS uses 0.01).
+
+    Metrics: `loss` and `accuracy` of the weight steps, `arch_loss` and
+    `arch_accuracy` of the architecture steps, and `arch_step_fraction`.
     """
 
     def __init__(
         self,
         supernet: Supernet,
-        policy: ArchStepPolicy = ArchStepPolicy(),
+        policy: ArchStepPolicy | None = None,
         second_order: bool = False,
         weight_decay: float = 3e-4,
         arch_weight_decay: float = 1e-3,
@@ -146,33 +50,25 @@ class BilevelSearch(keras.Model):
         hvp_radius: float = 0.01,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.supernet = supernet
-        self.policy = policy
+        super().__init__(
+            supernet, weight_decay=weight_decay, grad_clip_norm=grad_clip_norm, **kwargs
+        )
+        self.policy = policy or ArchStepPolicy()
         self.second_order = second_order
-        self.weight_decay = weight_decay
         self.arch_weight_decay = arch_weight_decay
-        self.grad_clip_norm = grad_clip_norm
         self.hvp_radius = hvp_radius
-        self.weight_loss = keras.metrics.Mean(name="loss")
-        self.weight_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.arch_loss = keras.metrics.Mean(name="arch_loss")
         self.arch_accuracy = keras.metrics.SparseCategoricalAccuracy(name="arch_accuracy")
         self.arch_step_fraction = keras.metrics.Mean(name="arch_step_fraction")
         self._next_iteration = None
 
-    def call(self, images, training=None):
-        return self.supernet(images, training=training)
+    @property
+    def supernet(self) -> Supernet:
+        return self.network
 
     @property
     def metrics(self):
-        return [
-            self.weight_loss,
-            self.weight_accuracy,
-            self.arch_loss,
-            self.arch_accuracy,
-            self.arch_step_fraction,
-        ]
+        return super().metrics + [self.arch_loss, self.arch_accuracy, self.arch_step_fraction]
 
     def compile(self, weight_optimizer, arch_optimizer, jit_compile=False, **kwargs):
         """Takes both optimizers; `weight_optimizer` becomes `self.optimizer`.
@@ -198,10 +94,14 @@ class BilevelSearch(keras.Model):
     def optimizer_variables(self) -> list:
         return list(self.weight_optimizer.variables) + list(self.arch_optimizer.variables)
 
-    # ------------------------------------------------------------------ steps
+    @property
+    def state_variables(self) -> list:
+        """Every variable of the training state, in a fixed order (what a checkpoint holds)."""
+        return (
+            list(self.supernet.variables) + self.optimizer_variables + list(self.metrics_variables)
+        )
 
-    def _replica_scale(self):
-        return 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+    # ------------------------------------------------------------------ steps
 
     def _loss_on(self, images, labels, values=None):
         """Training-mode loss, optionally with `values` substituted for the trainable variables."""
@@ -283,7 +183,7 @@ class BilevelSearch(keras.Model):
     def _arch_step(self, weight_batch, arch_batch):
         grads, loss, logits = self.arch_gradients(weight_batch, arch_batch)
         arch_vars = self.supernet.arch_variables
-        scale = self._replica_scale()
+        scale = replica_scale()
         grads = [
             (g + self.arch_weight_decay * v.value) * scale
             for g, v in zip(grads, arch_vars, strict=True)
@@ -292,28 +192,15 @@ class BilevelSearch(keras.Model):
         self.arch_loss.update_state(loss)
         self.arch_accuracy.update_state(arch_batch[1], logits)
 
-    def _weight_step(self, weight_batch):
-        images, labels = weight_batch
-        weight_vars = self.supernet.weight_variables
-        with tf.GradientTape() as tape:
-            loss, logits = self._loss_on(images, labels)
-        apply_weight_gradients(
-            self.weight_optimizer,
-            tape.gradient(loss, weight_vars),
-            weight_vars,
-            self.weight_decay,
-            self.grad_clip_norm,
-        )
-        self.weight_loss.update_state(loss)
-        self.weight_accuracy.update_state(labels, logits)
-
     def _bilevel_step(self, data, take_arch_step: bool):
         weight_batch, arch_batch = data
         if take_arch_step:
             self._arch_step(weight_batch, arch_batch)
-        self._weight_step(weight_batch)
         self.arch_step_fraction.update_state(1.0 if take_arch_step else 0.0)
-        return {m.name: m.result() for m in self.metrics}
+        images, labels = weight_batch
+        return self.weight_step(
+            images, labels, self.supernet.weight_variables, self.weight_optimizer
+        )
 
     def fit(self, *args, shuffle=False, **kwargs):
         """Keras `fit()`; the data arrive already shuffled (by seed), so no shuffle here."""
@@ -323,12 +210,24 @@ class BilevelSearch(keras.Model):
         """One iteration with the architecture step (fit() dispatches via the policy)."""
         return self._bilevel_step(data, take_arch_step=True)
 
-    def test_step(self, data):
-        images, labels = data
-        logits = self.supernet(images, training=False)
-        self.weight_loss.update_state(cross_entropy(labels, logits))
-        self.weight_accuracy.update_state(labels, logits)
-        return {"loss": self.weight_loss.result(), "accuracy": self.weight_accuracy.result()}
+    def _step_function(self, take_arch_step: bool):
+        """One traced iteration (with or without the architecture step) on the next batch.
+
+        What Keras' own train function does for one step, with public APIs: run
+        the step on every replica, then report the first replica's metrics
+        (metrics are synchronised across replicas, so they all agree).
+        """
+        strategy = self.distribute_strategy
+
+        def step(data):
+            return self._bilevel_step(data, take_arch_step)
+
+        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
+        def one_step(iterator):
+            logs = strategy.run(step, args=(next(iterator),))
+            return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
+
+        return one_step
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
@@ -338,8 +237,7 @@ class BilevelSearch(keras.Model):
                 "BilevelSearch.build_search(image_shape) must be called after compile() "
                 "and before fit(), so that every variable exists before tracing."
             )
-        with_arch = self._make_function(lambda data: self._bilevel_step(data, True))
-        weights_only = self._make_function(lambda data: self._bilevel_step(data, False))
+        with_arch, weights_only = self._step_function(True), self._step_function(False)
 
         def train_function(iterator):
             if self._next_iteration is None:

@@ -1,0 +1,101 @@
+"""Running the configured phases of one run in its workdir, then the pictures and the report.
+
+    supernet -> mask -> (derive) -> finetune -> export -> pictures, report
+
+`run` is what `python -m hmnas_keras.search` calls once the configuration is
+resolved; docs/ARCHITECTURE.md shows what each phase reads and writes.
+"""
+
+import os
+import time
+
+from hmnas_keras.config import RunConfig
+from hmnas_keras.pipeline.workdir import Workdir
+
+
+def make_strategy(name: str):
+    """The tf.distribute strategy called `name` ("default" or "mirrored")."""
+    import tensorflow as tf
+
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def _supernet(config, data, workdir, strategy) -> None:
+    from hmnas_keras.pipeline.supernet_phase import run_supernet_phase
+
+    summary = run_supernet_phase(config, data, workdir, strategy).summary
+    print(
+        f"Supernet: test accuracy {summary['test_accuracy']:.4f}, "
+        f"{summary['weight_parameters']:,} weights, {summary['wall_seconds']:.0f} s. "
+        f"Outputs in {workdir.supernet.directory}"
+    )
+
+
+def _mask(config, data, workdir, strategy) -> None:
+    from hmnas_keras.pipeline.mask_phase import run_mask_phase
+
+    summary = run_mask_phase(config, data, workdir, strategy)
+    alive = summary["alive"]
+    print(
+        f"Masking: masked supernet test accuracy {summary['test_accuracy']:.4f}; kept "
+        f"{alive['ops']}/{alive['ops_total']} ops, {alive['edges']}/{alive['edges_total']} "
+        f"edges, {alive['nodes']}/{alive['nodes_total']} nodes, "
+        f"{alive['weights']:,}/{alive['weights_total']:,} weights; "
+        f"{summary['wall_seconds']:.0f} s. Architecture in {workdir.architecture}"
+    )
+
+
+def _finetune(config, data, workdir, strategy) -> None:
+    from hmnas_keras.pipeline.derive_phase import prepare_architecture
+    from hmnas_keras.pipeline.finetune_phase import run_finetune_phase
+
+    prepare_architecture(config, data, workdir)
+    summary = run_finetune_phase(config, data, workdir, strategy)
+    print(
+        f"Fine-tuning: test accuracy {summary['test_accuracy']:.4f}, "
+        f"{summary['parameters']['nonzero']:,} non-zero parameters, "
+        f"{summary['wall_seconds']:.0f} s. Outputs in {workdir.finetune.directory}"
+    )
+
+
+def _export(config, data, workdir, strategy) -> None:
+    from hmnas_keras.pipeline.export_phase import format_summary, run_export_phase
+
+    print(format_summary(run_export_phase(data, workdir)))
+    print(f"Exported models in {workdir.export.directory}")
+
+
+PHASE_RUNNERS = {"supernet": _supernet, "mask": _mask, "finetune": _finetune, "export": _export}
+
+
+def draw_pictures(workdir: Workdir) -> None:
+    """Draws the cells and search statistics into WORKDIR/pictures/ (given an architecture)."""
+    from hmnas_keras.pipeline.pictures import draw_workdir
+
+    if os.path.exists(workdir.architecture):
+        written = draw_workdir(workdir)
+        print(f"Pictures: {len(written)} files in {workdir.pictures}")
+
+
+def run(config: RunConfig, workdir: Workdir) -> dict:
+    """Runs the configured phases in `workdir`; returns the report."""
+    from hmnas_keras.data import describe, make_search_data
+    from hmnas_keras.pipeline.report import write_report
+
+    started = time.monotonic()
+    data = make_search_data(config.data, config.seed)
+    print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
+    strategy = make_strategy(config.strategy)
+    print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s)")
+    for name, runner in PHASE_RUNNERS.items():
+        if name in config.phases:
+            runner(config, data, workdir, strategy)
+    draw_pictures(workdir)
+    report, text = write_report(config, workdir)
+    print(text)
+    print(f"Report: {workdir.report}")
+    return report

@@ -1,0 +1,219 @@
+"""An exported model.onnx, ready to classify images: onnxruntime, numpy and Pillow only.
+
+Everything it needs to prepare an image — input size, colour mode,
+normalisation, class names — is read from the model's metadata
+(`hmnas_keras.serving.metadata`).
+
+    from hmnas_keras.serving import Classifier
+    classifier = Classifier("runs/quickstart/export/model.onnx")
+    classifier.predict_files(["cat.jpg"], top_k=3)   # [{"path", "predictions": [...]}]
+    classifier.predict(pixels)                       # uint8 [N, H, W, C] -> top-k per image
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+
+from hmnas_keras.serving.metadata import METADATA_FORMAT, METADATA_KEY
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ServeError(ValueError):
+    """A model, image or request that cannot be served; the message says what to fix."""
+
+
+class Classifier:
+    """An exported hmnas_keras model.onnx, ready to classify images.
+
+    Args:
+        model_path: the `model.onnx` written by the export phase.
+        threads: onnxruntime intra-op threads (0: its default).
+    """
+
+    def __init__(self, model_path: str, threads: int = 0):
+        import onnxruntime
+
+        if not os.path.isfile(model_path):
+            raise ServeError(
+                f"No model at {model_path}. Pass the model.onnx of an exported run "
+                "(WORKDIR/export/model.onnx)."
+            )
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(
+                model_path, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ServeError(f"{model_path} is not a readable ONNX model: {error}") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise ServeError(
+                f"{model_path} has no {METADATA_KEY} metadata: it was not exported by "
+                "hmnas_keras (python -m hmnas_keras.search --phases=...,export, or "
+                "tools/export_model.py)."
+            )
+        self.metadata = json.loads(raw)
+        if self.metadata.get("format") != METADATA_FORMAT:
+            raise ServeError(f"{model_path}: unknown metadata format {self.metadata.get('format')}")
+        self.model_path = model_path
+        self.class_names = list(self.metadata["class_names"])
+        model_input = self.metadata["input"]
+        self.input_name = model_input["name"]
+        self.output_name = self.metadata["output"]["name"]
+        _, self.height, self.width, self.channels = model_input["shape"]
+        self.color = model_input["color"]
+        preprocessing = self.metadata["preprocessing"]
+        self.scale = np.float32(preprocessing["scale"])
+        self.mean = np.asarray(preprocessing["mean"], "float32")
+        self.std = np.asarray(preprocessing["std"], "float32")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    # Images -> normalised arrays.
+
+    def decode(self, data: bytes, name: str = "image") -> np.ndarray:
+        """Image file bytes -> uint8 [H, W, C] in the model's size and colour mode."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB" if self.channels == 3 else "L")
+                if image.size != (self.width, self.height):
+                    image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype="uint8")
+        except UnidentifiedImageError:
+            raise ServeError(
+                f"Cannot decode {name}: not an image file Pillow recognises (JPEG, PNG, BMP, "
+                "GIF, WebP, TIFF)."
+            ) from None
+        except (OSError, ValueError) as error:
+            raise ServeError(f"Cannot decode {name} as an image: {error}.") from None
+        return pixels.reshape(self.image_shape)
+
+    def load_image(self, path: str) -> np.ndarray:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise ServeError(f"Cannot read {path}: {error.strerror}.") from None
+        return self.decode(data, path)
+
+    def check_batch(self, images, what: str = "images") -> np.ndarray:
+        """A numeric array [N, H, W, C] (or one [H, W, C] image) with the model's shape."""
+        try:
+            array = np.asarray(images)
+        except (ValueError, TypeError):
+            raise ServeError(f"{what} must be a rectangular numeric array.") from None
+        if array.dtype == object or not (
+            np.issubdtype(array.dtype, np.number) or array.dtype == bool
+        ):
+            kind = {"U": "text", "S": "bytes"}.get(array.dtype.kind, f"{array.dtype} values")
+            raise ServeError(f"{what} must be numbers; received {kind}.")
+        shape = list(array.shape)
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or array.shape[1:] != self.image_shape:
+            raise ServeError(
+                f"{what} have shape {shape}; this model expects "
+                f"[batch, {self.height}, {self.width}, {self.channels}] (or one "
+                f"[{self.height}, {self.width}, {self.channels}] image)."
+            )
+        return array
+
+    def normalize(self, pixels) -> np.ndarray:
+        """uint8-range pixels [N, H, W, C] (0..255) -> the model's input."""
+        pixels = self.check_batch(pixels, "pixels").astype("float32")
+        return (pixels * self.scale - self.mean) / self.std
+
+    # Prediction.
+
+    def logits(self, inputs, batch_size: int = 64) -> np.ndarray:
+        """Normalised inputs [N, H, W, C] -> logits [N, classes], `batch_size` at a time."""
+        inputs = self.check_batch(inputs, "inputs").astype("float32")
+        if not np.isfinite(inputs).all():
+            raise ServeError(
+                "The inputs hold NaN or infinite values (or values beyond float32's range)."
+            )
+        outputs = [
+            self.session.run([self.output_name], {self.input_name: inputs[i : i + batch_size]})[0]
+            for i in range(0, len(inputs), batch_size)
+        ]
+        if not outputs:
+            return np.zeros((0, len(self.class_names)), "float32")
+        return np.concatenate(outputs)
+
+    def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[dict]]:
+        """Per row of logits, the k most probable classes: {"class", "index", "probability"}."""
+        k = max(1, min(int(k), len(self.class_names)))
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        result = []
+        for row in probabilities:
+            order = np.argsort(-row, kind="stable")[:k]
+            result.append(
+                [
+                    {
+                        "class": self.class_names[i],
+                        "index": int(i),
+                        "probability": round(float(row[i]), 6),
+                    }
+                    for i in order
+                ]
+            )
+        return result
+
+    def predict(self, images, top_k: int = 5, batch_size: int = 64, normalized=False):
+        """Top-k classes of each image.
+
+        `images`: pixels [N, H, W, C] or [H, W, C] in 0..255 (any numeric
+        dtype), or, with `normalized=True`, inputs already normalised as the
+        metadata says.
+        """
+        inputs = self.check_batch(images) if normalized else self.normalize(images)
+        return self.top_k(self.logits(inputs, batch_size), top_k)
+
+    def predict_files(self, paths, top_k: int = 5, batch_size: int = 64) -> list[dict]:
+        """Top-k classes of each image file: [{"path", "predictions"}] or {"path", "error"}."""
+        results = []
+        for start in range(0, len(paths), batch_size):
+            loaded = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    loaded.append((path, self.load_image(path)))
+                except ServeError as error:
+                    loaded.append((path, error))
+            pixels = [item for _, item in loaded if not isinstance(item, ServeError)]
+            predictions = iter(self.predict(np.stack(pixels), top_k, batch_size) if pixels else [])
+            for path, item in loaded:
+                if isinstance(item, ServeError):
+                    results.append({"path": path, "error": str(item)})
+                else:
+                    results.append({"path": path, "predictions": next(predictions)})
+        return results
+
+
+def find_images(paths) -> list[str]:
+    """Image files among `paths`; folders are searched recursively (sorted)."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                found += [
+                    os.path.join(root, name)
+                    for name in sorted(names)
+                    if name.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise ServeError(f"No such file or folder: {path}.")
+    return found

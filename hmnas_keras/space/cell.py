@@ -1,0 +1,222 @@
+"""A cell of the search space: Eq. 1 (`MixedOp`) and Eq. 2 (`Cell`) of the paper (§3.1).
+
+    Eq. 1: edge_{j→i}(x) = Σ_k w_k · op_k(x),   w = the op weights of the edge;
+    Eq. 2: node_i = Σ_{j<i} v_{ij} · edge_{j→i}(node_j),   v = the edge weights.
+
+The op and edge weights come from outside: softmax(α) and softmax(β) in the
+supernet (`hmnas_keras.space.supernet`), with masks during hierarchical
+masking, and fixed values in a searched network. A cell built from a
+`genotype` holds only the surviving edges and ops of a searched cell.
+"""
+
+import keras
+from keras import ops
+
+from hmnas_keras.space.operations import FactorizedReduce, ReLUConvBN, build_op
+from hmnas_keras.space.search_space import (
+    OP_NAMES,
+    cell_edges,
+    edge_index,
+    is_parameter_free,
+)
+
+
+class MixedOp(keras.layers.Layer):
+    """Eq. 1: Σ_k w_k · op_k(x) with externally supplied op weights w.
+
+    `op_weights` has one entry per name in `op_names` (the search space's
+    ops); only the operations in `active` (default: all) are built and
+    computed, which is how a searched network keeps a subset. Operations in
+    `shared_op_names` are parameter-free: their output depends only on x, so
+    the cell computes them once per source node and passes them in
+    `shared_outputs` instead of every edge recomputing them.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        stride: int,
+        op_names=OP_NAMES,
+        shared_op_names=(),
+        active=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.stride = stride
+        self.op_names = tuple(op_names)
+        self.shared_op_names = tuple(shared_op_names)
+        self.active = tuple(self.op_names if active is None else active)
+        self.candidates = {
+            name: build_op(name, channels, stride)
+            for name in self.active
+            if name not in self.shared_op_names
+        }
+
+    def call(self, x, op_weights, shared_outputs=None, training=None):
+        output = 0.0
+        for name in self.active:
+            if name in self.candidates:
+                op_output = self.candidates[name](x, training=training)
+            else:
+                op_output = shared_outputs[name]
+            output = output + op_weights[self.op_names.index(name)] * op_output
+        return output
+
+    def kernel_layers(self) -> list:
+        return [layer for op in self.candidates.values() for layer in op.kernel_layers()]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            stride=self.stride,
+            op_names=list(self.op_names),
+            shared_op_names=list(self.shared_op_names),
+            active=list(self.active),
+        )
+        return config
+
+
+def full_genotype(num_nodes: int, op_names) -> tuple:
+    """The supernet cell as a genotype: every edge with every op."""
+    return tuple((source, target, tuple(op_names)) for source, target in cell_edges(num_nodes))
+
+
+def check_genotype(genotype, num_nodes: int) -> tuple:
+    """The genotype's edges as ((source, target, op names), ...) sorted by target, then source.
+
+    Raises ValueError for an edge outside the cell, an edge without ops, a
+    cell without edges, or an edge leaving a node that has no incoming edge.
+    """
+    edges = tuple(
+        sorted(
+            ((int(source), int(target), tuple(names)) for source, target, names in genotype),
+            key=lambda edge: (edge[1], edge[0]),
+        )
+    )
+    for source, target, names in edges:
+        if not (2 <= target < num_nodes + 2 and 0 <= source < target and names):
+            raise ValueError(
+                f"Received an invalid genotype edge, expected 0 <= source < target <= "
+                f"{num_nodes + 1} with at least one op. Received: {(source, target, names)}"
+            )
+    if not edges:
+        raise ValueError("Received a genotype without edges: the cell would have no output.")
+    alive = {target for _, target, _ in edges}
+    dangling = sorted({s for s, _, _ in edges if s >= 2 and s not in alive})
+    if dangling:
+        raise ValueError(
+            f"Received a genotype with edges leaving dead nodes {dangling}: a node an edge "
+            "reads must have an incoming edge itself."
+        )
+    return edges
+
+
+class Cell(keras.layers.Layer):
+    """Eq. 2: node i = Σ_j edge_weight(i, j) · MixedOp_{j→i}(node j).
+
+    Inputs are the outputs of the two previous cells; the output concatenates
+    the intermediate nodes. Parameter-free operations (pooling with its
+    affine-free BN, identity) give the same output on every edge leaving a
+    node, so `source_ops` computes them once per node.
+
+    `genotype` selects a searched cell: a tuple of (source, target, op names)
+    for the edges that survive. Nodes without a surviving incoming edge are
+    dead and left out of the output; input nodes no edge reads are not
+    computed. None (the default) is the full supernet cell.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_nodes: int,
+        reduction: bool,
+        reduction_prev: bool,
+        op_names=OP_NAMES,
+        genotype=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.num_nodes = num_nodes
+        self.reduction = reduction
+        self.reduction_prev = reduction_prev
+        self.op_names = tuple(op_names)
+        if genotype is None:
+            genotype = full_genotype(num_nodes, self.op_names)
+        self.genotype = check_genotype(genotype, num_nodes)
+        self.alive_nodes = tuple(sorted({target for _, target, _ in self.genotype}))
+        used_sources = {source for source, _, _ in self.genotype}
+        self.preprocess_0 = self.preprocess_1 = None
+        if 0 in used_sources:
+            preprocess = FactorizedReduce if reduction_prev else ReLUConvBN
+            self.preprocess_0 = preprocess(channels, name="preprocess_0")
+        if 1 in used_sources:
+            self.preprocess_1 = ReLUConvBN(channels, name="preprocess_1")
+        self.source_ops = [self._shared_ops(source) for source in range(num_nodes + 1)]
+        self.edge_ops = [
+            MixedOp(
+                channels,
+                self._stride(source),
+                self.op_names,
+                shared_op_names=tuple(self.source_ops[source]),
+                active=names,
+                name=f"edge_{source}_{target}",
+            )
+            for source, target, names in self.genotype
+        ]
+
+    def _stride(self, source: int) -> int:
+        return 2 if self.reduction and source < 2 else 1
+
+    def _shared_ops(self, source: int) -> dict:
+        """The parameter-free ops that edges leaving `source` use, computed once per node."""
+        stride = self._stride(source)
+        needed = {name for s, _, names in self.genotype if s == source for name in names}
+        return {
+            name: build_op(name, self.channels, stride, name=f"node_{source}_{name}")
+            for name in self.op_names
+            if name in needed and is_parameter_free(name, stride)
+        }
+
+    def call(self, s0, s1, op_weights, edge_weights, training=None):
+        """op_weights: [num_edges, num_ops]; edge_weights: [num_edges], in edge order."""
+        nodes = {}
+        if self.preprocess_0 is not None:
+            nodes[0] = self.preprocess_0(s0, training=training)
+        if self.preprocess_1 is not None:
+            nodes[1] = self.preprocess_1(s1, training=training)
+        shared = {}
+        for (source, target, _), mixed_op in zip(self.genotype, self.edge_ops, strict=True):
+            if source not in shared:
+                shared[source] = {
+                    name: op(nodes[source], training=training)
+                    for name, op in self.source_ops[source].items()
+                }
+            index = edge_index(source, target)
+            mixed = mixed_op(nodes[source], op_weights[index], shared[source], training=training)
+            nodes[target] = nodes.get(target, 0.0) + edge_weights[index] * mixed
+        return ops.concatenate([nodes[node] for node in self.alive_nodes], axis=-1)
+
+    def kernel_layers(self) -> list:
+        """The maskable kernels of this cell: preprocessing, then every edge's ops."""
+        layers = []
+        for preprocess in (self.preprocess_0, self.preprocess_1):
+            if preprocess is not None:
+                layers += preprocess.kernel_layers()
+        for mixed_op in self.edge_ops:
+            layers += mixed_op.kernel_layers()
+        return layers
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            num_nodes=self.num_nodes,
+            reduction=self.reduction,
+            reduction_prev=self.reduction_prev,
+            op_names=list(self.op_names),
+            genotype=[[s, t, list(n)] for s, t, n in self.genotype],
+        )
+        return config

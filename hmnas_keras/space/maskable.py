@@ -1,0 +1,128 @@
+"""The mask hook: layers whose kernels can be masked in the forward pass.
+
+This module is the one place that defines how a weight mask reaches a network
+(DESIGN.md §2, "How masks apply": kernel = M_w ⊙ w). Every convolution and
+dense kernel of the networks — stem, cell preprocessing, factorized reduce,
+depthwise, pointwise, classifier; not BN, not biases — is a `MaskableKernel`
+layer, and the layer owns its optional mask:
+
+- `layer.set_kernel_mask(mask)`: `mask` is a callable taking no argument and
+  returning a tensor that broadcasts against the kernel (0/1 entries). From
+  then on the forward pass uses `kernel * mask()`, so gradients reach
+  whatever variables `mask` reads; the kernel variable itself never changes.
+- `layer.set_kernel_mask(None)` removes it: the layer computes its unmasked
+  function again.
+
+Who sets masks: the masking phase (`hmnas_keras.training.masking`: binarised
+trainable masks, straight-through gradient) and fine-tuning
+(`hmnas_keras.architecture.searched_network.SearchedNetwork.apply_weight_masks`:
+constant 0/1 masks, so that pruned weights get zero gradients). The
+architecture counterpart, masks on the op and edge weights, is
+`Supernet.set_arch_masks` (`hmnas_keras.space.supernet`).
+
+Each layer also records `output_positions`, the number of output positions
+(height x width; 1 for the classifier) of its last call: every kernel entry is
+used once per output position, which is how `hmnas_keras.architecture.counting`
+counts multiply-accumulates.
+"""
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+
+class MaskableKernel:
+    """A layer whose kernel can be multiplied by a mask in the forward pass (see module doc)."""
+
+    _kernel_mask = None
+    output_positions = None
+
+    def set_kernel_mask(self, mask: Callable | None) -> None:
+        """Uses `kernel * mask()` from now on (None: the kernel as it is)."""
+        if mask is not None and not callable(mask):
+            raise TypeError(
+                "Received an invalid kernel mask, expected a callable returning a tensor "
+                f"(or None). Received: {type(mask).__name__}"
+            )
+        self._kernel_mask = mask
+
+    @property
+    def kernel_mask(self) -> Callable | None:
+        return self._kernel_mask
+
+    def masked_kernel(self):
+        """The kernel the forward pass uses."""
+        if self._kernel_mask is None:
+            return self.kernel
+        return self.kernel * self._kernel_mask()
+
+    def _record_positions(self, outputs):
+        self.output_positions = int(np.prod(outputs.shape[1:-1]))
+        return outputs
+
+
+class MaskableConv2D(MaskableKernel, keras.layers.Conv2D):
+    """Conv2D (no bias) with a maskable kernel (the stem)."""
+
+    def call(self, inputs):
+        if self.use_bias:
+            raise ValueError("MaskableConv2D supports use_bias=False only.")
+        return self._record_positions(self.convolution_op(inputs, self.masked_kernel()))
+
+
+class MaskableDepthwiseConv2D(MaskableKernel, keras.layers.DepthwiseConv2D):
+    """DepthwiseConv2D (no bias) with a maskable kernel."""
+
+    def call(self, inputs):
+        if self.use_bias:
+            raise ValueError("MaskableDepthwiseConv2D supports use_bias=False only.")
+        outputs = ops.depthwise_conv(
+            inputs,
+            self.masked_kernel(),
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._record_positions(outputs)
+
+
+class MaskableDense(MaskableKernel, keras.layers.Dense):
+    """Dense with a maskable kernel (the classifier); the bias is not masked."""
+
+    def call(self, inputs):
+        outputs = ops.matmul(inputs, self.masked_kernel())
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        return self._record_positions(outputs)
+
+
+class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
+    """A 1x1 convolution (no bias) computed as one matrix product.
+
+    TensorFlow's CPU kernels for the gradients of 1x1 convolutions were the
+    largest cost of a supernet step; a reshape and MatMul gives the same
+    result with fast gradients. Stride 2 subsamples first. The kernel has
+    Conv2D's shape (1, 1, in, out), so weights move freely between the two.
+    """
+
+    def __init__(self, filters: int, strides: int = 1, **kwargs):
+        super().__init__(filters, 1, strides=strides, use_bias=False, **kwargs)
+
+    def call(self, inputs):
+        if self.strides[0] > 1:
+            inputs = inputs[:, :: self.strides[0], :: self.strides[1], :]
+        shape = tf.shape(inputs)
+        kernel = tf.reshape(self.masked_kernel(), [inputs.shape[-1], self.filters])
+        outputs = tf.matmul(tf.reshape(inputs, [-1, inputs.shape[-1]]), kernel)
+        outputs = tf.reshape(outputs, tf.concat([shape[:-1], [self.filters]], axis=0))
+        return self._record_positions(outputs)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("kernel_size", "use_bias", "padding"):
+            config.pop(key, None)
+        return config
