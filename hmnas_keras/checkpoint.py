@@ -20,9 +20,22 @@ class CheckpointError(ValueError):
     """A checkpoint is missing or does not match the model it is restored into."""
 
 
-def save_checkpoint(path: str, variables: list, state: dict) -> None:
-    """Writes `variables` and the JSON-serialisable `state` to `path` atomically."""
+class NonFiniteState(ValueError):
+    """A variable holds NaN or infinite values: a diverged state, not worth a checkpoint."""
+
+
+def save_checkpoint(path: str, variables: list, state: dict, require_finite: bool = False) -> None:
+    """Writes `variables` and the JSON-serialisable `state` to `path` atomically.
+
+    With `require_finite`, raises NonFiniteState (and writes nothing) if a
+    floating-point variable holds NaN or infinite values, so that the last
+    checkpoint on disk stays a good one.
+    """
     arrays = {f"v{i:05d}": ops.convert_to_numpy(v) for i, v in enumerate(variables)}
+    if require_finite:
+        for variable, array in zip(variables, arrays.values(), strict=True):
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise NonFiniteState(f"{variable.path} holds NaN or infinite values.")
     arrays["__paths__"] = np.asarray(json.dumps([v.path for v in variables]))
     arrays["__state__"] = np.asarray(json.dumps(state))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -106,6 +119,7 @@ def assign_by_path(model, arrays: dict, mismatch) -> None:
 
 def write_json(path: str, value) -> None:
     """Writes `value` as indented JSON to `path` atomically (a kill leaves old or new)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp_path = f"{path}.tmp-{os.getpid()}"
     with open(tmp_path, "w") as handle:
         json.dump(value, handle, indent=2)

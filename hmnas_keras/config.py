@@ -14,6 +14,12 @@ from hmnas_keras.training.arch_step import SCHEDULES
 PHASES = ("supernet", "mask", "finetune", "export")
 FINETUNE_INITS = ("inherited", "scratch")
 STRATEGIES = ("default", "mirrored")
+MASK_TARGETS = ("none", "params", "flops")
+MASK_LR_SCHEDULES = ("paper", "scaled")
+WEIGHT_MASKS = ("element", "channel")
+# The paper's masking budget: 20 epochs of ~390 steps on CIFAR-10 (§4.2); the "scaled" mask
+# learning rates multiply the paper's by PAPER_MASK_STEPS / (this run's mask steps).
+PAPER_MASK_STEPS = 7800
 
 
 class DataError(ValueError):
@@ -96,7 +102,17 @@ class SupernetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
-    """Hierarchical masking (paper §4.2 defaults)."""
+    """Hierarchical masking (paper §4.2 defaults), and what this product adds to it.
+
+    `lr_schedule`: "paper" uses the two learning rates as given; "scaled"
+    multiplies them by PAPER_MASK_STEPS / (the run's mask steps), so that a
+    short run moves its masks as far as the paper's 20 epochs on CIFAR-10.
+    `weight_mask`: "element" (the paper's: one mask per kernel entry) or
+    "channel" (one mask per channel, which the export drops physically).
+    `target`: "none" (the paper's objective), or "params" / "flops": a
+    resource target in the objective, given as `target_ratio` (fraction of the
+    supernet's dense count) or `target_value` (parameters, or MFLOPs per image).
+    """
 
     epochs: int = 20
     weight_learning_rate: float = 1e-4
@@ -108,9 +124,55 @@ class MaskConfig:
     threshold: float = 5e-3
     test_every: int = 1
     checkpoint_every_steps: int = 0
+    lr_schedule: str = "scaled"
+    weight_mask: str = "element"
+    target: str = "none"
+    target_ratio: float | None = None
+    target_value: float | None = None
 
     def __post_init__(self):
         _check_epochs("mask", self.epochs)
+        for name, value, known in (
+            ("mask_lr_schedule", self.lr_schedule, MASK_LR_SCHEDULES),
+            ("weight_mask", self.weight_mask, WEIGHT_MASKS),
+            ("mask_target", self.target, MASK_TARGETS),
+        ):
+            if value not in known:
+                raise ValueError(
+                    f"Received an unknown --{name}, expected one of {', '.join(known)}. "
+                    f"Received: {value!r}"
+                )
+        self._check_target()
+
+    def _check_target(self) -> None:
+        given = [n for n in ("target_ratio", "target_value") if getattr(self, n) is not None]
+        if self.target == "none":
+            if given:
+                raise ValueError(
+                    f"--mask_{given[0]} needs --mask_target=params or flops (what it counts)."
+                )
+            return
+        if len(given) != 1:
+            raise ValueError(
+                f"--mask_target={self.target} needs exactly one of --mask_target_ratio (a "
+                "fraction of the supernet) or --mask_target_value (parameters, or MFLOPs per "
+                f"image). Received: {', '.join('--mask_' + n for n in given) or 'neither'}."
+            )
+        if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
+            raise ValueError(
+                "Received an invalid --mask_target_ratio, expected a fraction in (0, 1]. "
+                f"Received: {self.target_ratio}"
+            )
+        if self.target_value is not None and self.target_value <= 0:
+            raise ValueError(
+                "Received an invalid --mask_target_value, expected a positive number. "
+                f"Received: {self.target_value}"
+            )
+
+    def effective_learning_rates(self, steps: int) -> tuple[float, float]:
+        """(weight-mask, α/β-mask) learning rates for a run of `steps` mask steps."""
+        factor = PAPER_MASK_STEPS / steps if self.lr_schedule == "scaled" else 1.0
+        return self.weight_learning_rate * factor, self.arch_learning_rate * factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +241,12 @@ class RunConfig:
             raise ValueError(
                 "--architecture goes with --phases=finetune (or finetune,export) only."
             )
+        if self.mask.target != "none" and self.derivation != "masks":
+            raise ValueError(
+                f"--mask_target={self.mask.target} steers the learned masks; "
+                f"--derivation={self.derivation} does not learn masks. Drop --mask_target or "
+                "use --derivation=masks."
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -189,7 +257,8 @@ class RunConfig:
             data=DataConfig(**values["data"]),
             search_space=SearchSpace.from_dict(values["search_space"]),
             supernet=SupernetConfig(**values["supernet"]),
-            mask=MaskConfig(**values["mask"]),
+            # Runs written before --mask_lr_schedule existed used the rates as given.
+            mask=MaskConfig(**{"lr_schedule": "paper", **values["mask"]}),
             finetune=FinetuneConfig(**values["finetune"]),
             phases=tuple(values["phases"]),
             derivation=values["derivation"],

@@ -25,8 +25,11 @@ from absl import app, flags, logging
 from hmnas_keras.architecture.derivation import DERIVATIONS
 from hmnas_keras.config import (
     FINETUNE_INITS,
+    MASK_LR_SCHEDULES,
+    MASK_TARGETS,
     PHASES,
     STRATEGIES,
+    WEIGHT_MASKS,
     DataConfig,
     DataError,
     FinetuneConfig,
@@ -162,6 +165,37 @@ flags.DEFINE_integer(
 flags.DEFINE_float("mask_decay_factor", 0.1, "Factor of that decay.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("mask_initial_value", 1e-2, "Initial value of every real-valued mask.")
 flags.DEFINE_float("mask_threshold", 5e-3, "Binariser threshold τ: M = 1 where M^r >= τ.")
+flags.DEFINE_enum(
+    "mask_lr_schedule",
+    "scaled",
+    MASK_LR_SCHEDULES,
+    "paper: the mask learning rates as given; scaled: times 7,800 / (this run's mask steps), "
+    "so that a short run moves its masks as far as the paper's 20 CIFAR-10 epochs.",
+)
+flags.DEFINE_enum(
+    "weight_mask",
+    "element",
+    WEIGHT_MASKS,
+    "element: one mask per kernel entry (the paper's); channel: one mask per channel, which "
+    "the searched network and the export drop physically.",
+)
+flags.DEFINE_enum(
+    "mask_target",
+    "none",
+    MASK_TARGETS,
+    "A resource target in the masking objective: none (the paper's objective), params or "
+    "flops (multiply-accumulates per image).",
+)
+flags.DEFINE_float(
+    "mask_target_ratio",
+    None,
+    "The target as a fraction of the supernet's dense count, in (0, 1].",
+)
+flags.DEFINE_float(
+    "mask_target_value",
+    None,
+    "The target as a count: parameters, or MFLOPs per image.",
+)
 # Fine-tuning.
 flags.DEFINE_integer("finetune_epochs", 200, "Fine-tuning epochs.", lower_bound=1)
 flags.DEFINE_float(
@@ -293,6 +327,7 @@ def main(argv):
     from hmnas_keras.architecture.architecture_json import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
     from hmnas_keras.export.formats import ExportError
+    from hmnas_keras.pipeline.mask_phase import MaskTargetError
     from hmnas_keras.pipeline.phase import TrainingDiverged
     from hmnas_keras.pipeline.run import run
 
@@ -308,6 +343,7 @@ def main(argv):
         TrainingDiverged,
         ArchitectureError,
         ExportError,
+        MaskTargetError,
     ) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1

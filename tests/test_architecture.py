@@ -113,7 +113,10 @@ def test_a_cell_without_surviving_nodes_is_reported_not_built():
     with pytest.raises(arch_lib.ArchitectureError, match="cannot be built"):
         SearchedNetwork(architecture)
     masks = {"classifier/kernel": np.zeros((2, 2), dtype=bool)}
-    architecture["cells"]["reduce"] = ok
+    architecture = arch_lib.new_architecture(
+        "masks", SPACE, 10, (8, 8, 3), list("abcdefghij"), {"normal": ok, "reduce": ok}
+    )
+    assert architecture["degenerate"] is None
     assert "classifier/kernel was masked" in arch_lib.degenerate_reason(architecture, masks)
 
 

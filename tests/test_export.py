@@ -13,7 +13,7 @@ from conftest import EXPORT_CLASSES, real_images, searched_network
 from keras import ops
 
 from hmnas_keras.architecture.counting import flop_counts
-from hmnas_keras.export.compact import compact_model, kernel_macs, parameter_counts
+from hmnas_keras.export.compact import compact_model, compact_parameter_counts, kernel_macs
 from hmnas_keras.export.formats import ONNX_OPSET, ExportError
 from hmnas_keras.pipeline.export_phase import format_summary, load_finetuned_network
 from hmnas_keras.pipeline.workdir import Workdir
@@ -72,7 +72,7 @@ def test_compact_model_holds_only_standard_layers_and_surviving_ops(gray):
 
 def test_compact_model_keeps_parameters_zeros_and_flops_of_the_searched_network(gray):
     architecture, network, model = gray
-    counts = parameter_counts(model)
+    counts = compact_parameter_counts(model)
     assert {k: counts[k] for k in ("dense", "nonzero")} == architecture["parameters"]["searched"]
     assert 0 < counts["nonzero"] < counts["dense"]  # the 30% zeroed weights stayed zeros
     assert counts["folded_scales"] > 0

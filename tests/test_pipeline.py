@@ -28,9 +28,11 @@ TINY = [
     "--supernet_epochs=2",
     "--mask_epochs=2",
     "--finetune_epochs=2",
-    # Large mask learning rates, so that 24 mask steps prune something.
+    # Large mask learning rates, so that 24 mask steps prune something; used as given
+    # (not scaled by 7,800 / steps), so that every test knows the rates it runs with.
     "--mask_weight_learning_rate=0.01",
     "--mask_arch_learning_rate=0.004",
+    "--mask_lr_schedule=paper",
 ]
 
 
@@ -75,7 +77,7 @@ def test_the_whole_pipeline_writes_the_table_3_report(pipeline):
     assert 0.0 <= float(last["test_accuracy"]) <= 1.0
 
     architecture = load(workdir, "architecture.json")
-    assert architecture["format"] == "hmnas_keras/architecture" and architecture["version"] == 1
+    assert architecture["format"] == "hmnas_keras/architecture" and architecture["version"] == 2
     assert architecture["derivation"] == "masks" and architecture["degenerate"] is None
     assert architecture["weight_masks"] == "mask/weight_masks.npz"
     with np.load(os.path.join(workdir, "mask", "weight_masks.npz")) as masks:
@@ -255,9 +257,69 @@ def test_killed_mask_phase_resumes_with_a_continuous_history(pipeline, tmp_path)
     assert os.path.exists(os.path.join(workdir, "architecture.json"))
 
 
+def test_channel_masks_reach_a_flops_target_and_shrink_the_export(pipeline, tmp_path):
+    source, _ = pipeline
+    workdir = str(tmp_path / "channel")
+    result = search(
+        workdir,
+        "--phases=mask,finetune,export",
+        f"--supernet_checkpoint={os.path.join(source, 'supernet', 'checkpoint.npz')}",
+        "--weight_mask=channel",
+        "--mask_target=flops",
+        "--mask_target_ratio=0.4",
+        "--mask_epochs=3",
+        # Scaled to this run's 36 steps (the default schedule): 0.002 and 0.0005.
+        "--mask_weight_learning_rate=9.2307e-6",
+        "--mask_arch_learning_rate=2.3077e-6",
+        "--mask_lr_schedule=scaled",
+        "--finetune_epochs=1",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = rows_of(workdir, "mask", "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert float(row["target"]) > 0 and float(row["cost_ratio"]) > 0
+        assert row["multiplier"] != "" and int(row["channels"]) <= int(row["channels_total"])
+        assert float(row["flops"]) == pytest.approx(float(row["cost_ratio"]) * float(row["target"]))
+    assert os.listdir(os.path.join(workdir, "mask", "tensorboard", "cost"))
+    assert "of the flops target, λ" in result.stdout
+
+    summary = load(workdir, "mask", "summary.json")
+    rates = summary["learning_rates"]
+    assert rates["schedule"] == "scaled" and rates["steps"] == 36
+    assert rates["weight_masks"] == pytest.approx(9.2307e-6 * 7800 / 36)
+    assert rates["arch_masks"] == pytest.approx(2.3077e-6 * 7800 / 36)
+    target = summary["target"]
+    assert target["kind"] == "flops" and target["ratio"] == 0.4
+    assert abs(target["relative_error"]) <= 0.05, target
+
+    architecture = load(workdir, "architecture.json")
+    assert architecture["weight_mask"] == "channel" and architecture["weight_masks"] is None
+    assert architecture["cost"]["flops"] == round(target["reached"])
+    export = load(workdir, "export", "summary.json")
+    # Channels are dropped, not zeroed: the exported graph's dense counts are the cost.
+    assert export["flops"]["macs"] == architecture["cost"]["flops"]
+    assert export["parameters"]["dense"] == architecture["cost"]["params"]
+    assert export["flops"]["macs"] <= 0.45 * architecture["flops"]["supernet"]["macs"]
+    assert max(export["parity_max_abs_error"]["onnx"].values()) <= 1e-4
+    report = load(workdir, "report.json")
+    assert report["mask"]["target"] == target
+    text = open(os.path.join(workdir, "report.txt")).read()
+    assert "Masks: channel weight masks" in text and "target" in text
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--mask_target=params", "--mask_target_ratio=1.5"], "expected a fraction in (0, 1]"),
+        (["--mask_target=params", "--mask_target_ratio=0"], "expected a fraction in (0, 1]"),
+        (["--mask_target=flops", "--mask_target_value=1e6"], "is larger than the supernet"),
+        (["--mask_target=params"], "needs exactly one of --mask_target_ratio"),
+        (
+            ["--phases=finetune", "--derivation=darts", "--mask_target=params"]
+            + ["--mask_target_ratio=0.5"],
+            "--derivation=darts does not learn masks",
+        ),
         (["--phases=finetune"], "has no architecture.json to fine-tune"),
         (["--derivation=darts"], "leave it out of --phases"),
         (["--phases=finetune", "--architecture=a.json"], "Add --finetune_init=scratch"),
@@ -272,6 +334,21 @@ def test_pipeline_mistakes_get_a_message_not_a_traceback(tmp_path, flags, messag
     assert "Traceback" not in result.stderr
 
 
+def test_channel_masks_on_an_element_mask_checkpoint_are_refused(pipeline, tmp_path):
+    source, _ = pipeline
+    result = search(
+        str(tmp_path / "run"),
+        "--phases=mask",
+        f"--supernet_checkpoint={os.path.join(source, 'mask', 'checkpoint.npz')}",
+        "--weight_mask=channel",
+    )
+    assert result.returncode == 1
+    assert "--weight_mask=channel on a mask checkpoint trained with element masks" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and "The mask phase:" not in result.stdout
+
+
 def test_resuming_a_finished_run_repeats_no_phase(pipeline):
     workdir, _ = pipeline
     before = load(workdir, "report.json")
@@ -283,3 +360,45 @@ def test_resuming_a_finished_run_repeats_no_phase(pipeline):
     assert "The export phase already finished" in result.stdout
     after = load(workdir, "report.json")
     assert after["rows"] == before["rows"]
+
+
+def test_pareto_plots_one_point_per_exported_run(pipeline, tmp_path):
+    workdir, _ = pipeline
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    out, points_file = str(tmp_path / "pareto.png"), str(tmp_path / "points.json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "tools", "pareto.py"),
+            f"--workdirs={workdir},{unfinished}",
+            f"--out={out}",
+            f"--json={points_file}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Skipped:" in result.stderr and "is it fine-tuned and exported?" in result.stderr
+    with open(out, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    (point,) = json.load(open(points_file))
+    export = load(workdir, "export", "summary.json")
+    assert point["label"] == "masks"
+    finetuned = load(workdir, "report.json")["rows"]["finetuned"]
+    assert point["test_accuracy"] == finetuned["test_accuracy"]
+    assert point["mflops"] == export["flops"]["macs"] / 1e6
+    assert point["latency_ms"] == export["speed"]["latency_ms_batch_1"]["onnxruntime"]
+
+    nothing = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "pareto.py"), f"--workdirs={unfinished}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert nothing.returncode == 1 and "no workdir had a fine-tuned, exported model" in (
+        nothing.stderr
+    )
+    assert "Traceback" not in nothing.stderr

@@ -25,7 +25,7 @@ Plain numpy: no TensorFlow.
 import numpy as np
 
 from hmnas_keras.architecture import baselines
-from hmnas_keras.space.search_space import cell_edges
+from hmnas_keras.space.search_space import cell_edges, edge_index
 
 DERIVATIONS = ("masks", "darts", "random")
 
@@ -97,3 +97,51 @@ def cell_masks(derivation, space, op_weights, edge_weights, learned=None, rng=No
         f"Received an unknown derivation, expected one of {', '.join(DERIVATIONS)}. "
         f"Received: derivation={derivation!r}"
     )
+
+
+def _kept(vector) -> list[int]:
+    return [int(i) for i in np.flatnonzero(np.asarray(vector) > 0.5)]
+
+
+def derive_instances(space, cells: dict, gates: list, channel_masks: dict | None) -> list:
+    """architecture.json's "instances": what survives in each cell of the network.
+
+    `cells`: the cell types' entries (`derive_cell`); `gates`: per cell, the
+    0/1 gates of `hmnas_keras.architecture.cost.network_gates` as numbers;
+    `channel_masks`: the binary channel masks ({("stem",) | ("cell", i) |
+    ("middle", i, edge, op): vector}) or None with element masks. With element
+    masks every cell of a type keeps its type's edges; with channel masks a
+    separable convolution whose middle channels all died is pruned in that
+    cell (and with it, perhaps, its edge and nodes). A cell nothing downstream
+    reads is not used.
+    """
+    instances = []
+    for index, cell_type in enumerate(space.cell_types):
+        gate = gates[index]
+        edges = []
+        for entry in cells[cell_type]["edges"]:
+            edge = edge_index(entry["source"], entry["target"])
+            names = [op["name"] for op in entry["ops"] if gate["op"][edge, op["name"]] > 0.5]
+            if gate["edge"][edge] > 0.5:
+                edges.append({"source": entry["source"], "target": entry["target"], "ops": names})
+        instance = {
+            "cell": index,
+            "type": cell_type,
+            "used": bool(gate["used"] > 0.5),
+            "edges": edges,
+            "alive_nodes": [n for n in range(2, space.num_nodes + 2) if gate["nodes"][n] > 0.5],
+            "channels": None,
+            "middle": None,
+        }
+        if channel_masks is not None:
+            instance["channels"] = _kept(channel_masks["cell", index])
+            instance["middle"] = {
+                f"{e['source']}_{e['target']}/{name}": _kept(
+                    channel_masks["middle", index, edge_index(e["source"], e["target"]), name]
+                )
+                for e in edges
+                for name in e["ops"]
+                if name.startswith("sep_conv")
+            }
+        instances.append(instance)
+    return instances

@@ -15,7 +15,8 @@ from keras import ops
 
 from hmnas_keras.architecture.architecture_json import (
     ArchitectureError,
-    genotypes,
+    instances,
+    network_instances,
     search_space_of,
     weight_matrices,
 )
@@ -31,11 +32,13 @@ class SearchedNetwork(CellNetwork):
             raise ArchitectureError(
                 f"The architecture cannot be built: {architecture['degenerate']}."
             )
+        stem = architecture.get("stem_channels")
         super().__init__(
             search_space_of(architecture),
             int(architecture["num_classes"]),
-            genotypes=genotypes(architecture),
             fixed_weights=weight_matrices(architecture),
+            instances=network_instances(architecture),
+            stem_channels=None if stem is None else len(stem),
             **kwargs,
         )
         self.image_shape = tuple(architecture["image_shape"])
@@ -65,36 +68,105 @@ class SearchedNetwork(CellNetwork):
             layer.kernel.assign(ops.convert_to_numpy(layer.kernel) * mask)
 
 
-def input_channel_slices(architecture: dict) -> dict:
-    """Variable-path prefix -> (axis, kept input channels) for kernels reading a cell output.
+def channel_selection(architecture: dict) -> dict:
+    """Which channels of the supernet the searched network keeps, by tensor.
 
-    A dead node leaves its cell's output, so the next cells' preprocessing
-    kernels (and the classifier, after the last cell) lose the matching input
-    channels: those channels were exactly zero, so nothing else changes.
+    {"stem": kept stem channels, "cells": per cell {"kept": its node channels,
+    "out": its output channels (alive nodes x kept), "middle": {"S_T/OP": kept
+    middle channels}, "half": C // 2}}. With element masks a cell keeps all its
+    channels and loses only the blocks of its dead nodes in "out".
     """
     space = search_space_of(architecture)
-    kept = []
-    for cell_type, channels in zip(space.cell_types, space.cell_channels, strict=True):
-        alive = architecture["cells"][cell_type]["alive_nodes"]
-        kept.append(
-            np.concatenate([np.arange((n - 2) * channels, (n - 1) * channels) for n in alive])
+    stem = architecture.get("stem_channels")
+    cells = []
+    for instance, channels in zip(instances(architecture), space.cell_channels, strict=True):
+        kept = np.arange(channels) if instance.get("channels") is None else instance["channels"]
+        kept = np.asarray(kept, dtype="int64")
+        blocks = [(node - 2) * channels + kept for node in instance["alive_nodes"]]
+        middle = instance.get("middle") or {}
+        cells.append(
+            {
+                "kept": kept,
+                "out": np.concatenate(blocks) if blocks else np.zeros(0, "int64"),
+                "middle": {key: np.asarray(value, "int64") for key, value in middle.items()},
+                "half": channels // 2,
+            }
         )
-    slices = {}
-    for index in range(space.num_cells):
-        for name, previous in (("preprocess_0", index - 2), ("preprocess_1", index - 1)):
-            if previous >= 0:
-                slices[f"cell_{index}/{name}/"] = (2, kept[previous])
-    slices["classifier/kernel"] = (0, kept[-1])
-    return slices
+    return {
+        "stem": np.arange(3 * space.channels) if stem is None else np.asarray(stem, "int64"),
+        "cells": cells,
+    }
+
+
+def _halves(cell: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The kept channels of a factorized reduce's two paths, each in its own numbering."""
+    kept, half = cell["kept"], cell["half"]
+    return kept[kept < half], kept[kept >= half] - half
+
+
+def _op_axes(cell: dict, op: str, layer: str, middle_key: str) -> dict:
+    """{axis: kept indices} of a variable inside an op of a cell (see `_variable_axes`)."""
+    kept = cell["kept"]
+    middle = cell["middle"].get(middle_key, kept)
+    first, second = _halves(cell)
+    table = {
+        "depthwise_1": {2: kept},
+        "pointwise_1": {2: kept, 3: middle},
+        "bn_1": {0: middle},
+        "depthwise_2": {2: middle},
+        "pointwise_2": {2: middle, 3: kept},
+        "bn_2": {0: kept},
+        "depthwise": {2: kept},
+        "pointwise": {2: kept, 3: kept},
+        "conv_1": {2: kept, 3: first},
+        "conv_2": {2: kept, 3: second},
+        "bn": {0: kept},
+    }
+    return table[layer]
+
+
+def _variable_axes(path: str, selection: dict) -> dict:
+    """{axis: kept indices} of the supernet variable at `path` in the searched network."""
+    parts = path.split("/")
+    cells = selection["cells"]
+    if parts[0] == "stem_conv":
+        return {3: selection["stem"]}
+    if parts[0] == "stem_bn":
+        return {0: selection["stem"]}
+    if parts[0] == "classifier":
+        return {0: cells[-1]["out"]} if parts[-1] == "kernel" else {}
+    index = int(parts[0].split("_")[1])
+    cell = cells[index]
+    if parts[1].startswith("preprocess_"):
+        source = index - 2 + int(parts[1][-1])
+        rows = selection["stem"] if source < 0 else cells[source]["out"]
+        first, second = _halves(cell)
+        columns = {"conv": cell["kept"], "conv_1": first, "conv_2": second}
+        if parts[2] == "bn":
+            return {0: cell["kept"]}
+        return {2: rows, 3: columns[parts[2]]}
+    if parts[1].startswith("node_"):  # a shared pooling op's BN
+        return {0: cell["kept"]}
+    middle_key = f"{parts[1][len('edge_') :]}/{parts[2]}"
+    return _op_axes(cell, parts[2], parts[3], middle_key)
 
 
 def to_searched(architecture: dict, arrays: dict) -> dict:
-    """Supernet arrays ({relative path: array}) in the searched network's shapes."""
-    slices = input_channel_slices(architecture)
+    """Supernet arrays ({relative path: array}) in the searched network's shapes.
+
+    Dead nodes leave their cell's output, so the next cells' preprocessing
+    kernels (and the classifier, after the last cell) lose those input
+    channels; with channel masks every kernel and BN also loses the channels
+    that died. Those channels were exactly zero, so nothing else changes.
+    """
+    selection = channel_selection(architecture)
     result = {}
     for path, array in arrays.items():
-        for prefix, (axis, kept) in slices.items():
-            if path.startswith(prefix) and path.endswith("kernel"):
+        if path.split("/")[0] in ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"):
+            result[path] = array
+            continue
+        for axis, kept in _variable_axes(path, selection).items():
+            if axis < array.ndim:
                 array = np.take(array, kept, axis=axis)
         result[path] = array
     return result

@@ -102,14 +102,17 @@ class _Builder:
 
     def factorized_reduce(self, source, x, name, scale=None):
         x = self.relu(x)
-        shifted = keras.layers.Cropping2D(((1, 0), (1, 0)), name=f"{name}.crop")(x)
-        shifted = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}.pad")(shifted)
-        x = keras.layers.Concatenate(name=f"{name}.concat")(
-            [
-                self.pointwise(source.conv_1, x, f"{name}.conv_1"),
-                self.pointwise(source.conv_2, shifted, f"{name}.conv_2"),
-            ]
-        )
+        paths = []
+        if source.conv_1 is not None:
+            paths.append(self.pointwise(source.conv_1, x, f"{name}.conv_1"))
+        if source.conv_2 is not None:
+            shifted = keras.layers.Cropping2D(((1, 0), (1, 0)), name=f"{name}.crop")(x)
+            shifted = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}.pad")(shifted)
+            paths.append(self.pointwise(source.conv_2, shifted, f"{name}.conv_2"))
+        if len(paths) > 1:
+            x = keras.layers.Concatenate(name=f"{name}.concat")(paths)
+        else:
+            x = paths[0]
         return self.batch_norm(source.bn, x, f"{name}.bn", scale)
 
     def relu_conv_bn(self, source, x, name):
@@ -219,6 +222,9 @@ def compact_model(network, name: str = "compact") -> keras.Model:
     for index, (cell, cell_type) in enumerate(
         zip(network.cells, network.search_space.cell_types, strict=True)
     ):
+        if cell is None:  # unused: nothing downstream reads it
+            s0, s1 = s1, None
+            continue
         op_weights, edge_weights = weights[cell_type]
         s0, s1 = s1, _cell(builder, cell, s0, s1, op_weights, edge_weights, f"cell_{index}")
     x = keras.layers.GlobalAveragePooling2D(name="global_pool")(s1)
@@ -248,7 +254,7 @@ def kernel_macs(model: keras.Model) -> dict:
     )
 
 
-def parameter_counts(model: keras.Model) -> dict:
+def compact_parameter_counts(model: keras.Model) -> dict:
     """Learned parameters of the compact model: kernels, biases and the stem BN's γ, β.
 
     BN moving statistics are not parameters, and neither are the γ that only

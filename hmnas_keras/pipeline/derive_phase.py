@@ -16,8 +16,9 @@ import numpy as np
 from keras import ops
 
 from hmnas_keras.architecture import architecture_json as arch_json
+from hmnas_keras.architecture.cost import MaskCost, network_gates
 from hmnas_keras.architecture.counting import flop_counts, layer_sparsity, parameter_counts
-from hmnas_keras.architecture.derivation import cell_masks, derive_cell
+from hmnas_keras.architecture.derivation import cell_masks, derive_cell, derive_instances
 from hmnas_keras.architecture.searched_network import (
     SearchedNetwork,
     inherit_weights,
@@ -55,11 +56,15 @@ def evaluate_network(network, dataset) -> dict:
     return {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
 
 
-def derived_cells(config: RunConfig, supernet: Supernet, binary_masks: dict | None) -> dict:
-    """Per cell type, the architecture.json entry `config.derivation` derives from `supernet`."""
+def derived_masks(config: RunConfig, supernet: Supernet, binary_masks: dict | None) -> dict:
+    """The binary α and β masks of `config.derivation`: {"alpha": {type}, "beta": {type}}.
+
+    "masks" takes them from `binary_masks` (hierarchical masking); the
+    baselines derive them from the supernet's softmax(α), softmax(β).
+    """
     space = config.search_space
     rng = np.random.default_rng([config.seed, 11])
-    cells = {}
+    masks = {"alpha": {}, "beta": {}}
     for cell_type in space.present_cell_types:
         op_weights = ops.convert_to_numpy(supernet.op_weights(cell_type))
         edge_weights = ops.convert_to_numpy(supernet.edge_weights(cell_type))
@@ -69,6 +74,20 @@ def derived_cells(config: RunConfig, supernet: Supernet, binary_masks: dict | No
         alpha_mask, beta_mask = cell_masks(
             config.derivation, space, op_weights, edge_weights, learned, rng
         )
+        masks["alpha"][cell_type] = alpha_mask
+        if beta_mask is not None:
+            masks["beta"][cell_type] = beta_mask
+    return masks
+
+
+def derived_cells(config: RunConfig, supernet: Supernet, masks: dict) -> dict:
+    """Per cell type, the architecture.json entry of the derived α and β `masks`."""
+    space = config.search_space
+    cells = {}
+    for cell_type in space.present_cell_types:
+        op_weights = ops.convert_to_numpy(supernet.op_weights(cell_type))
+        edge_weights = ops.convert_to_numpy(supernet.edge_weights(cell_type))
+        alpha_mask, beta_mask = masks["alpha"][cell_type], masks["beta"].get(cell_type)
         beta_applied = np.ones_like(edge_weights) if beta_mask is None else beta_mask
         cells[cell_type] = derive_cell(
             space.op_names,
@@ -79,6 +98,53 @@ def derived_cells(config: RunConfig, supernet: Supernet, binary_masks: dict | No
             beta_mask,
         )
     return cells
+
+
+def _float32(masks: dict) -> dict:
+    """0/1 masks as float32 arrays (nested in dicts), as `MaskCost` counts them."""
+    return {
+        key: _float32(value) if isinstance(value, dict) else np.asarray(value, "float32")
+        for key, value in masks.items()
+    }
+
+
+def _numbers(value):
+    """Gates (tensors, nested in dicts and lists) as Python floats."""
+    if isinstance(value, dict):
+        return {key: _numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers(item) for item in value]
+    return float(ops.convert_to_numpy(value))
+
+
+def _new_architecture(config, data, supernet, binary_masks, weight_masks) -> dict:
+    """architecture.json (without counts) for the masks `config.derivation` gives."""
+    masks = derived_masks(config, supernet, binary_masks)
+    weight_mask = config.mask.weight_mask if config.derivation == "masks" else "element"
+    channels = (binary_masks or {}).get("channels") if weight_mask == "channel" else None
+    if channels is not None:
+        masks["channels"] = channels
+    if weight_masks is not None:
+        masks["weights"] = weight_masks
+    masks = _float32(masks)
+    gates = _numbers(network_gates(config.search_space, masks, weight_mask))
+    cells = derived_cells(config, supernet, masks)
+    stem = None if channels is None else [int(i) for i in np.flatnonzero(channels["stem",])]
+    architecture = arch_json.new_architecture(
+        config.derivation,
+        config.search_space,
+        data.num_classes,
+        data.image_shape,
+        data.class_names,
+        cells,
+        weight_masks_file=Workdir.WEIGHT_MASKS if weight_masks is not None else None,
+        instances=derive_instances(config.search_space, cells, gates, channels),
+        stem_channels=stem,
+        weight_mask=weight_mask,
+    )
+    cost = MaskCost(supernet, weight_mask)(masks)
+    architecture["cost"] = {kind: int(round(float(value))) for kind, value in cost.items()}
+    return architecture
 
 
 def _searched_network(architecture, supernet, weight_masks, inherit: bool) -> SearchedNetwork:
@@ -109,17 +175,9 @@ def derive_architecture(
     weights; otherwise it keeps fresh initial weights and no weight masks.
     """
     weight_masks = None
-    if binary_masks is not None:
+    if binary_masks is not None and binary_masks.get("weights"):
         weight_masks = {relative_path(p): m for p, m in binary_masks["weights"].items()}
-    architecture = arch_json.new_architecture(
-        config.derivation,
-        config.search_space,
-        data.num_classes,
-        data.image_shape,
-        data.class_names,
-        derived_cells(config, supernet, binary_masks),
-        weight_masks_file=Workdir.WEIGHT_MASKS if weight_masks is not None else None,
-    )
+    architecture = _new_architecture(config, data, supernet, binary_masks, weight_masks)
     architecture["degenerate"] = arch_json.degenerate_reason(architecture, weight_masks)
     architecture["parameters"] = {"supernet": parameter_counts(supernet.weight_variables)}
     architecture["flops"] = {"supernet": flop_counts(supernet)}

@@ -26,7 +26,7 @@ from hmnas_keras.export.checks import (
     measure_speed,
     parity_errors,
 )
-from hmnas_keras.export.compact import compact_model, kernel_macs, parameter_counts
+from hmnas_keras.export.compact import compact_model, compact_parameter_counts, kernel_macs
 from hmnas_keras.export.formats import (
     ONNX_OPSET,
     ExportError,
@@ -114,7 +114,7 @@ def export_workdir(
         "files": {key: workdir.relative(path) for key, path in files.models.items()},
         "bytes": {key: file_size(path) for key, path in files.models.items()},
         "onnx_opset": ONNX_OPSET,
-        "parameters": parameter_counts(model),
+        "parameters": compact_parameter_counts(model),
         "flops": kernel_macs(model),
         "searched_parameters": architecture.get("parameters", {}).get("searched"),
         "parity_max_abs_error": parity,
@@ -136,7 +136,8 @@ def format_summary(summary: dict) -> str:
     return "\n".join(
         [
             f"Export: {parameters['dense']:,} parameters ({parameters['nonzero']:,} non-zero), "
-            f"{summary['flops']['macs'] / 1e6:.2f} MFLOPs; model.keras "
+            f"{summary['flops']['macs'] / 1e6:.2f} MFLOPs "
+            f"({summary['flops']['nonzero_macs'] / 1e6:.2f} over non-zero weights); model.keras "
             f"{summary['bytes']['keras_file'] / 1024:.0f} KiB, model.onnx "
             f"{summary['bytes']['onnx'] / 1024:.0f} KiB (opset {summary['onnx_opset']})",
             f"Parity (max |logit difference|): compact vs searched "

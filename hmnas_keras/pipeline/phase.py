@@ -27,7 +27,12 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from hmnas_keras.checkpoint import read_state, restore_checkpoint, save_checkpoint
+from hmnas_keras.checkpoint import (
+    NonFiniteState,
+    read_state,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from hmnas_keras.pipeline.workdir import PhaseFiles
 
 
@@ -96,17 +101,21 @@ class _PhaseLogger(keras.callbacks.Callback):
 
     def checkpoint(self, epoch, step_in_epoch):
         phase = self.phase
-        save_checkpoint(
-            phase.checkpoint_path,
-            phase.state_variables,
-            {
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": epoch * phase.steps_per_epoch + step_in_epoch,
-                "elapsed_seconds": self.elapsed,
-                "finished": epoch >= phase.epochs,
-            },
-        )
+        state = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": epoch * phase.steps_per_epoch + step_in_epoch,
+            "elapsed_seconds": self.elapsed,
+            "finished": epoch >= phase.epochs,
+        }
+        try:
+            save_checkpoint(phase.checkpoint_path, phase.state_variables, state, True)
+        except NonFiniteState:
+            # The last step's loss was finite, but its update was not: stop here and
+            # keep the checkpoint before it.
+            at_end = (epoch - 1, phase.steps_per_epoch)
+            self.diverged_at = (epoch, step_in_epoch) if step_in_epoch else at_end
+            self.model.stop_training = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch

@@ -117,7 +117,34 @@ def build_report(config: RunConfig, workdir: Workdir) -> dict:
         )
     if architecture:
         report["cells"] = _cells(architecture)
+    mask = _read(workdir.mask.summary)
+    if mask:
+        report["mask"] = {
+            "weight_mask": mask.get("weight_mask", "element"),
+            "learning_rates": mask.get("learning_rates"),
+            "target": mask.get("target"),
+        }
     return report
+
+
+def _format_mask(mask: dict) -> list[str]:
+    """The mask phase's line: the kind of weight mask, learning rates, target and cost reached."""
+    rates = mask.get("learning_rates")
+    line = f"Masks: {mask['weight_mask']} weight masks"
+    if rates:
+        line += (
+            f"; learning rates {rates['weight_masks']:.3g} (weights) / {rates['arch_masks']:.3g}"
+            f" (α, β), {rates['schedule']} (x{rates['factor']:g} for {rates['steps']} steps)"
+        )
+    target = mask.get("target")
+    if target:
+        unit, scale = ("MFLOPs", 1e6) if target["kind"] == "flops" else ("parameters", 1.0)
+        line += (
+            f"; target {target['count'] / scale:,.6g} {unit} "
+            f"({target['count'] / target['supernet']:.1%} of the supernet), reached "
+            f"{target['reached'] / scale:,.6g} ({target['relative_error']:+.1%})"
+        )
+    return [line]
 
 
 def _fmt(value, pattern, missing="-"):
@@ -151,6 +178,8 @@ def format_report(report: dict) -> str:
             f"{cell['alive_nodes']}"
             + (f", dead {cell['dead_nodes']}" if cell["dead_nodes"] else "")
         )
+    if report.get("mask"):
+        lines += _format_mask(report["mask"])
     if report.get("export"):
         lines.append(format_export_summary(report["export"]))
     if report.get("degenerate"):

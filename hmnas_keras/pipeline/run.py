@@ -36,16 +36,13 @@ def _supernet(config, data, workdir, strategy) -> None:
 
 
 def _mask(config, data, workdir, strategy) -> None:
-    from hmnas_keras.pipeline.mask_phase import run_mask_phase
+    from hmnas_keras.pipeline.mask_phase import alive_line, run_mask_phase
 
     summary = run_mask_phase(config, data, workdir, strategy)
-    alive = summary["alive"]
     print(
         f"Masking: masked supernet test accuracy {summary['test_accuracy']:.4f}; kept "
-        f"{alive['ops']}/{alive['ops_total']} ops, {alive['edges']}/{alive['edges_total']} "
-        f"edges, {alive['nodes']}/{alive['nodes_total']} nodes, "
-        f"{alive['weights']:,}/{alive['weights_total']:,} weights; "
-        f"{summary['wall_seconds']:.0f} s. Architecture in {workdir.architecture}"
+        f"{alive_line(summary['alive'])}; {summary['wall_seconds']:.0f} s. "
+        f"Architecture in {workdir.architecture}"
     )
 
 
@@ -91,6 +88,10 @@ def run(config: RunConfig, workdir: Workdir) -> dict:
     print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
     strategy = make_strategy(config.strategy)
     print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s)")
+    if "mask" in config.phases:
+        from hmnas_keras.pipeline.mask_phase import check_mask_settings
+
+        check_mask_settings(config, data, workdir)
     for name, runner in PHASE_RUNNERS.items():
         if name in config.phases:
             runner(config, data, workdir, strategy)

@@ -52,6 +52,10 @@ class PhaseFiles:
     def summary(self) -> str:
         return os.path.join(self.directory, "summary.json")
 
+    def tensorboard_run(self, name: str) -> str:
+        """A TensorBoard run of the phase's own (beside Keras' train/ and validation/)."""
+        return os.path.join(self.tensorboard, name)
+
     def file(self, name: str) -> str:
         return os.path.join(self.directory, name)
 

@@ -12,7 +12,7 @@ masking, and fixed values in a searched network. A cell built from a
 import keras
 from keras import ops
 
-from hmnas_keras.space.operations import FactorizedReduce, ReLUConvBN, build_op
+from hmnas_keras.space.operations import FactorizedReduce, ReLUConvBN, build_op, half_split
 from hmnas_keras.space.search_space import (
     OP_NAMES,
     cell_edges,
@@ -29,7 +29,8 @@ class MixedOp(keras.layers.Layer):
     computed, which is how a searched network keeps a subset. Operations in
     `shared_op_names` are parameter-free: their output depends only on x, so
     the cell computes them once per source node and passes them in
-    `shared_outputs` instead of every edge recomputing them.
+    `shared_outputs` instead of every edge recomputing them. `options` gives
+    per op name the options of `build_op` (pruned channels).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class MixedOp(keras.layers.Layer):
         op_names=OP_NAMES,
         shared_op_names=(),
         active=None,
+        options=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -47,8 +49,9 @@ class MixedOp(keras.layers.Layer):
         self.op_names = tuple(op_names)
         self.shared_op_names = tuple(shared_op_names)
         self.active = tuple(self.op_names if active is None else active)
+        options = options or {}
         self.candidates = {
-            name: build_op(name, channels, stride)
+            name: build_op(name, channels, stride, **options.get(name, {}))
             for name in self.active
             if name not in self.shared_op_names
         }
@@ -125,6 +128,11 @@ class Cell(keras.layers.Layer):
     for the edges that survive. Nodes without a surviving incoming edge are
     dead and left out of the output; input nodes no edge reads are not
     computed. None (the default) is the full supernet cell.
+
+    With channel masks a searched cell keeps only some channels: `kept`, the
+    indices (of `channels`) that every node of the cell keeps, and `middle`,
+    {(source, target, op name): count} of the middle channels each separable
+    convolution keeps. The cell then computes `width` = len(kept) channels.
     """
 
     def __init__(
@@ -135,6 +143,8 @@ class Cell(keras.layers.Layer):
         reduction_prev: bool,
         op_names=OP_NAMES,
         genotype=None,
+        kept=None,
+        middle=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -143,6 +153,9 @@ class Cell(keras.layers.Layer):
         self.reduction = reduction
         self.reduction_prev = reduction_prev
         self.op_names = tuple(op_names)
+        self.kept = None if kept is None else tuple(int(c) for c in kept)
+        self.middle = dict(middle or {})
+        self.width = channels if kept is None else len(self.kept)
         if genotype is None:
             genotype = full_genotype(num_nodes, self.op_names)
         self.genotype = check_genotype(genotype, num_nodes)
@@ -150,18 +163,23 @@ class Cell(keras.layers.Layer):
         used_sources = {source for source, _, _ in self.genotype}
         self.preprocess_0 = self.preprocess_1 = None
         if 0 in used_sources:
-            preprocess = FactorizedReduce if reduction_prev else ReLUConvBN
-            self.preprocess_0 = preprocess(channels, name="preprocess_0")
+            if reduction_prev:
+                self.preprocess_0 = FactorizedReduce(
+                    self.width, split=half_split(channels, self.kept), name="preprocess_0"
+                )
+            else:
+                self.preprocess_0 = ReLUConvBN(self.width, name="preprocess_0")
         if 1 in used_sources:
-            self.preprocess_1 = ReLUConvBN(channels, name="preprocess_1")
+            self.preprocess_1 = ReLUConvBN(self.width, name="preprocess_1")
         self.source_ops = [self._shared_ops(source) for source in range(num_nodes + 1)]
         self.edge_ops = [
             MixedOp(
-                channels,
+                self.width,
                 self._stride(source),
                 self.op_names,
                 shared_op_names=tuple(self.source_ops[source]),
                 active=names,
+                options=self._op_options(source, target, names),
                 name=f"edge_{source}_{target}",
             )
             for source, target, names in self.genotype
@@ -170,12 +188,22 @@ class Cell(keras.layers.Layer):
     def _stride(self, source: int) -> int:
         return 2 if self.reduction and source < 2 else 1
 
+    def _op_options(self, source: int, target: int, names) -> dict:
+        """The pruned channels of the ops of one edge, as `build_op` options."""
+        options = {}
+        for name in names:
+            if (source, target, name) in self.middle:
+                options[name] = {"middle": self.middle[source, target, name]}
+            elif name == "skip_connect" and self.kept is not None and self._stride(source) == 2:
+                options[name] = {"split": half_split(self.channels, self.kept)}
+        return options
+
     def _shared_ops(self, source: int) -> dict:
         """The parameter-free ops that edges leaving `source` use, computed once per node."""
         stride = self._stride(source)
         needed = {name for s, _, names in self.genotype if s == source for name in names}
         return {
-            name: build_op(name, self.channels, stride, name=f"node_{source}_{name}")
+            name: build_op(name, self.width, stride, name=f"node_{source}_{name}")
             for name in self.op_names
             if name in needed and is_parameter_free(name, stride)
         }
@@ -218,5 +246,7 @@ class Cell(keras.layers.Layer):
             reduction_prev=self.reduction_prev,
             op_names=list(self.op_names),
             genotype=[[s, t, list(n)] for s, t, n in self.genotype],
+            kept=None if self.kept is None else list(self.kept),
+            middle=[[s, t, n, m] for (s, t, n), m in self.middle.items()],
         )
         return config

@@ -34,6 +34,14 @@ import tensorflow as tf
 from keras import ops
 
 
+def _check_mask(mask) -> None:
+    if mask is not None and not callable(mask):
+        raise TypeError(
+            "Received an invalid mask, expected a callable returning a tensor (or None). "
+            f"Received: {type(mask).__name__}"
+        )
+
+
 class MaskableKernel:
     """A layer whose kernel can be multiplied by a mask in the forward pass (see module doc)."""
 
@@ -42,11 +50,7 @@ class MaskableKernel:
 
     def set_kernel_mask(self, mask: Callable | None) -> None:
         """Uses `kernel * mask()` from now on (None: the kernel as it is)."""
-        if mask is not None and not callable(mask):
-            raise TypeError(
-                "Received an invalid kernel mask, expected a callable returning a tensor "
-                f"(or None). Received: {type(mask).__name__}"
-            )
+        _check_mask(mask)
         self._kernel_mask = mask
 
     @property
@@ -62,6 +66,25 @@ class MaskableKernel:
     def _record_positions(self, outputs):
         self.output_positions = int(np.prod(outputs.shape[1:-1]))
         return outputs
+
+
+class MaskableBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization whose output can be multiplied by a mask (see module doc)."""
+
+    _output_mask = None
+
+    def set_output_mask(self, mask: Callable | None) -> None:
+        """Uses `outputs * mask()` from now on (None: the outputs as they are)."""
+        _check_mask(mask)
+        self._output_mask = mask
+
+    def mask_output(self, outputs):
+        if self._output_mask is None:
+            return outputs
+        return outputs * self._output_mask()
+
+    def call(self, inputs, training=None, mask=None):
+        return self.mask_output(super().call(inputs, training=training, mask=mask))
 
 
 class MaskableConv2D(MaskableKernel, keras.layers.Conv2D):

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from hmnas_keras.space.cell import Cell
-from hmnas_keras.space.maskable import MaskableConv2D, MaskableDense
+from hmnas_keras.space.maskable import MaskableBatchNormalization, MaskableConv2D, MaskableDense
 from hmnas_keras.space.search_space import SearchSpace
 
 
@@ -16,6 +16,12 @@ class CellNetwork(keras.Model):
     `fixed_weights` maps a cell type to the constant op weights [num_edges,
     num_ops] and edge weights [num_edges] its cells use. `Supernet` computes
     them from α and β instead (it overrides `cell_weights()`).
+
+    A searched network may describe each cell on its own instead, in
+    `instances` (one dict per cell: "genotype", "used", and with channel masks
+    "kept" and "middle", see `Cell`): a cell that nothing downstream reads
+    ("used": False) is not built, and `cells` holds None in its place.
+    `stem_channels` is the stem's width (default 3C).
     """
 
     def __init__(
@@ -24,6 +30,8 @@ class CellNetwork(keras.Model):
         num_classes: int,
         genotypes=None,
         fixed_weights=None,
+        instances=None,
+        stem_channels: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -36,27 +44,36 @@ class CellNetwork(keras.Model):
         self.num_classes = num_classes
         space = search_space
         genotypes = genotypes or {}
+        if instances is None:
+            instances = [{"genotype": genotypes.get(t)} for t in space.cell_types]
         self.stem_conv = MaskableConv2D(
-            3 * space.channels, 3, padding="same", use_bias=False, name="stem_conv"
+            stem_channels or 3 * space.channels,
+            3,
+            padding="same",
+            use_bias=False,
+            name="stem_conv",
         )
-        self.stem_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="stem_bn")
+        self.stem_bn = MaskableBatchNormalization(momentum=0.9, epsilon=1e-5, name="stem_bn")
         self.cells = []
         reduction_prev = False
-        for index, (cell_type, channels) in enumerate(
-            zip(space.cell_types, space.cell_channels, strict=True)
+        for index, (cell_type, channels, instance) in enumerate(
+            zip(space.cell_types, space.cell_channels, instances, strict=True)
         ):
             reduction = cell_type == "reduce"
-            self.cells.append(
-                Cell(
+            cell = None
+            if instance.get("used", True):
+                cell = Cell(
                     channels,
                     space.num_nodes,
                     reduction,
                     reduction_prev,
                     space.op_names,
-                    genotype=genotypes.get(cell_type),
+                    genotype=instance.get("genotype"),
+                    kept=instance.get("kept"),
+                    middle=instance.get("middle"),
                     name=f"cell_{index}",
                 )
-            )
+            self.cells.append(cell)
             reduction_prev = reduction
         self.global_pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
         self.classifier = MaskableDense(num_classes, name="classifier")
@@ -73,6 +90,9 @@ class CellNetwork(keras.Model):
         weights = self.cell_weights()
         s0 = s1 = self.stem_bn(self.stem_conv(images), training=training)
         for cell, cell_type in zip(self.cells, self.search_space.cell_types, strict=True):
+            if cell is None:  # unused: nothing downstream reads its output
+                s0, s1 = s1, None
+                continue
             op_weights, edge_weights = weights[cell_type]
             s0, s1 = s1, cell(s0, s1, op_weights, edge_weights, training=training)
         return self.classifier(self.global_pool(s1))
@@ -81,5 +101,6 @@ class CellNetwork(keras.Model):
         """Every layer with a maskable kernel (convolutions and the classifier), in order."""
         layers = [self.stem_conv]
         for cell in self.cells:
-            layers += cell.kernel_layers()
+            if cell is not None:
+                layers += cell.kernel_layers()
         return layers + [self.classifier]

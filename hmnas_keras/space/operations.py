@@ -12,7 +12,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.space.maskable import MaskableDepthwiseConv2D, PointwiseConv
+from hmnas_keras.space.maskable import (
+    MaskableBatchNormalization,
+    MaskableDepthwiseConv2D,
+    PointwiseConv,
+)
 from hmnas_keras.space.search_space import OP_NAMES
 
 # BatchNormalization inside the searched operations carries no affine
@@ -20,7 +24,7 @@ from hmnas_keras.space.search_space import OP_NAMES
 BN_MOMENTUM = 0.9
 
 
-class FusedBatchNorm(keras.layers.BatchNormalization):
+class FusedBatchNorm(MaskableBatchNormalization):
     """BatchNormalization whose training-mode pass uses TensorFlow's fused kernel.
 
     Keras 3 normalises with separate moment and arithmetic ops; on a CPU the
@@ -44,7 +48,7 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         momentum = self.momentum
         self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
         self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
-        return outputs
+        return self.mask_output(outputs)
 
 
 def _batch_norm(name: str, affine: bool = False) -> keras.layers.BatchNormalization:
@@ -96,14 +100,21 @@ class _ConvOp(keras.layers.Layer):
 
 
 class SepConv(_ConvOp):
-    """A separable convolution applied twice (ReLU-DW-PW-BN, twice)."""
+    """A separable convolution applied twice (ReLU-DW-PW-BN, twice).
 
-    def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
+    `middle` is the width between the two (default `channels`); a searched
+    network with channel masks keeps only the middle channels that survived.
+    """
+
+    def __init__(
+        self, channels: int, kernel_size: int, stride: int = 1, middle: int | None = None, **kwargs
+    ):
         super().__init__(channels, kernel_size, stride, **kwargs)
+        self.middle = channels if middle is None else middle
         self.depthwise_1 = MaskableDepthwiseConv2D(
             kernel_size, strides=stride, padding="same", use_bias=False, name="depthwise_1"
         )
-        self.pointwise_1 = PointwiseConv(channels, name="pointwise_1")
+        self.pointwise_1 = PointwiseConv(self.middle, name="pointwise_1")
         self.bn_1 = _batch_norm("bn_1")
         self.depthwise_2 = MaskableDepthwiseConv2D(
             kernel_size, padding="same", use_bias=False, name="depthwise_2"
@@ -117,6 +128,11 @@ class SepConv(_ConvOp):
 
     def kernel_layers(self) -> list:
         return [self.depthwise_1, self.pointwise_1, self.depthwise_2, self.pointwise_2]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(middle=self.middle)
+        return config
 
 
 class DilConv(_ConvOp):
@@ -180,30 +196,52 @@ class Pool(keras.layers.Layer):
         return config
 
 
-class FactorizedReduce(keras.layers.Layer):
-    """Halves the spatial size: ReLU, two offset 1x1 stride-2 convolutions, concat, BN."""
+def half_split(channels: int, kept=None) -> tuple[int, int]:
+    """Outputs of a factorized reduce's two paths: the first C//2 channels, then the rest.
 
-    def __init__(self, channels: int, **kwargs):
+    `kept`: the surviving channel indices (of `channels`) when channels were pruned.
+    """
+    if kept is None:
+        return channels // 2, channels - channels // 2
+    first = sum(1 for c in kept if c < channels // 2)
+    return first, len(kept) - first
+
+
+class FactorizedReduce(keras.layers.Layer):
+    """Halves the spatial size: ReLU, two offset 1x1 stride-2 convolutions, concat, BN.
+
+    `split` gives the outputs of the two paths (default: half each); a path
+    left with no output channel (after channel pruning) is not built.
+    """
+
+    def __init__(self, channels: int, split: tuple[int, int] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
-        self.conv_1 = PointwiseConv(channels // 2, strides=2, name="conv_1")
-        self.conv_2 = PointwiseConv(channels - channels // 2, strides=2, name="conv_2")
+        self.split = tuple(split or half_split(channels))
+        first, second = self.split
+        self.conv_1 = PointwiseConv(first, strides=2, name="conv_1") if first else None
+        self.conv_2 = PointwiseConv(second, strides=2, name="conv_2") if second else None
         self.bn = _batch_norm("bn")
 
     def call(self, x, training=None):
         x = ops.relu(x)
-        # The second path sees the input shifted by one pixel; padding the end
-        # keeps both paths at ceil(size / 2) for odd and even sizes alike.
-        shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
-        x = ops.concatenate([self.conv_1(x), self.conv_2(shifted)], axis=-1)
+        paths = []
+        if self.conv_1 is not None:
+            paths.append(self.conv_1(x))
+        if self.conv_2 is not None:
+            # The second path sees the input shifted by one pixel; padding the end
+            # keeps both paths at ceil(size / 2) for odd and even sizes alike.
+            shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
+            paths.append(self.conv_2(shifted))
+        x = ops.concatenate(paths, axis=-1) if len(paths) > 1 else paths[0]
         return self.bn(x, training=training)
 
     def kernel_layers(self) -> list:
-        return [self.conv_1, self.conv_2]
+        return [conv for conv in (self.conv_1, self.conv_2) if conv is not None]
 
     def get_config(self):
         config = super().get_config()
-        config.update(channels=self.channels)
+        config.update(channels=self.channels, split=list(self.split))
         return config
 
 
@@ -217,13 +255,17 @@ class Identity(keras.layers.Layer):
         return []
 
 
-def _skip_connect(channels: int, stride: int, name: str) -> keras.layers.Layer:
-    return Identity(name=name) if stride == 1 else FactorizedReduce(channels, name=name)
+def _skip_connect(channels: int, stride: int, name: str, split=None) -> keras.layers.Layer:
+    if stride == 1:
+        return Identity(name=name)
+    return FactorizedReduce(channels, split=split, name=name)
 
 
-OPS: dict[str, Callable[[int, int, str], keras.layers.Layer]] = {
-    "sep_conv_3x3": lambda c, s, name: SepConv(c, 3, s, name=name),
-    "sep_conv_5x5": lambda c, s, name: SepConv(c, 5, s, name=name),
+# name -> builder(channels, stride, name, **options); options of a searched network's
+# pruned channels: `middle` (separable convolutions), `split` (the stride-2 skip).
+OPS: dict[str, Callable[..., keras.layers.Layer]] = {
+    "sep_conv_3x3": lambda c, s, name, middle=None: SepConv(c, 3, s, middle=middle, name=name),
+    "sep_conv_5x5": lambda c, s, name, middle=None: SepConv(c, 5, s, middle=middle, name=name),
     "dil_conv_3x3": lambda c, s, name: DilConv(c, 3, s, name=name),
     "dil_conv_5x5": lambda c, s, name: DilConv(c, 5, s, name=name),
     "max_pool_3x3": lambda c, s, name: Pool(c, "max", s, name=name),
@@ -233,13 +275,17 @@ OPS: dict[str, Callable[[int, int, str], keras.layers.Layer]] = {
 
 
 def build_op(
-    op_name: str, channels: int, stride: int, name: str | None = None
+    op_name: str, channels: int, stride: int, name: str | None = None, **options
 ) -> keras.layers.Layer:
-    """Builds the candidate operation `op_name` with `channels` outputs at `stride`."""
+    """Builds the candidate operation `op_name` with `channels` outputs at `stride`.
+
+    `options`: `middle=` for a separable convolution, `split=` for the stride-2
+    skip (see `SepConv`, `FactorizedReduce`).
+    """
     if op_name not in OPS:
         raise ValueError(
             f"Received an unknown operation, expected one of {', '.join(OP_NAMES)}. "
             f"Received: op_name={op_name!r}"
         )
     _check_stride(stride)
-    return OPS[op_name](channels, stride, name or op_name)
+    return OPS[op_name](channels, stride, name or op_name, **options)
