@@ -312,14 +312,7 @@ def test_channel_masks_reach_a_flops_target_and_shrink_the_export(pipeline, tmp_
     "flags, message",
     [
         (["--mask_target=params", "--mask_target_ratio=1.5"], "expected a fraction in (0, 1]"),
-        (["--mask_target=params", "--mask_target_ratio=0"], "expected a fraction in (0, 1]"),
         (["--mask_target=flops", "--mask_target_value=1e6"], "is larger than the supernet"),
-        (["--mask_target=params"], "needs exactly one of --mask_target_ratio"),
-        (
-            ["--phases=finetune", "--derivation=darts", "--mask_target=params"]
-            + ["--mask_target_ratio=0.5"],
-            "--derivation=darts does not learn masks",
-        ),
         (["--phases=finetune"], "has no architecture.json to fine-tune"),
         (["--derivation=darts"], "leave it out of --phases"),
         (["--phases=finetune", "--architecture=a.json"], "Add --finetune_init=scratch"),
@@ -402,3 +395,28 @@ def test_pareto_plots_one_point_per_exported_run(pipeline, tmp_path):
         nothing.stderr
     )
     assert "Traceback" not in nothing.stderr
+
+
+def test_onnx_speed_times_exported_models_back_to_back(pipeline, tmp_path):
+    workdir, _ = pipeline
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tool = os.path.join(root, "tools", "onnx_speed.py")
+    out = str(tmp_path / "speed.json")
+    result = subprocess.run(
+        [sys.executable, tool, f"--workdirs={workdir},{workdir}", "--rounds=2", f"--json={out}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.load(open(out))  # the same model twice is timed once
+    assert row["model"].endswith(os.path.join("export", "model.onnx"))
+    assert row["latency_ms_batch_1"] > 0 and row["throughput_images_per_s_batch_64"] > 0
+    missing = subprocess.run(
+        [sys.executable, tool, f"--workdirs={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1 and "has no export/model.onnx" in missing.stderr
+    assert "Traceback" not in missing.stderr
