@@ -64,6 +64,8 @@ CSV_COLUMNS = (
 )
 # A run ends on its target if the cost it reached is within this fraction of it.
 TARGET_TOLERANCE = 0.05
+# The controller's target reaches the user's after this fraction of the mask steps.
+RAMP_FRACTION = 0.5
 
 
 class MaskTargetError(ValueError):
@@ -169,6 +171,7 @@ def build_masked_search(config: RunConfig, data: SearchData, supernet_arrays: di
         weight_mask=mask.weight_mask,
         target=None if target_count is None else mask.target,
         target_count=target_count,
+        ramp_steps=int(RAMP_FRACTION * mask.epochs * data.train_steps_per_epoch),
         name="masked_search",
     )
     rates = learning_rates(config, data)

@@ -49,8 +49,13 @@ Three details make it settle inside a few hundred steps:
   gradient has had, so λ is dimensionless and λ = 1 weighs the two equally on
   any dataset, also once the cross-entropy's gradient vanishes (a network
   pruned to nothing);
-- the step uses λ + (cost / target − 1) (a proportional term on top of the
-  integral one), which damps the oscillation plain dual ascent has;
+- the target the controller follows falls linearly from the supernet's size
+  to the user's over the first `ramp_steps` (half the run, in the mask
+  phase), so masks leave in the order the cross-entropy allows instead of all
+  at once;
+- the step uses λ + clip(cost / target − 1, −1, 1) (a proportional term on
+  top of the integral one), which damps the oscillation plain dual ascent
+  has;
 - with a target, the real-valued masks are clipped to [0, 2·initial value]
   (BinaryConnect's clip), so a mask stays within reach of τ and can follow λ
   back across the threshold instead of drifting far from it.
@@ -111,6 +116,8 @@ class MaskedSearch(NetworkTrainer):
         weight_mask: "element" or "channel" (see the module doc).
         target: None, "params" or "flops": the resource the objective targets.
         target_count: the target, in parameters or multiply-accumulates per image.
+        ramp_steps: over these first steps the controller's target falls linearly
+            from the supernet's dense count to `target_count` (0: from the start).
         dual_rate: η of λ's dual ascent.
     """
 
@@ -122,6 +129,7 @@ class MaskedSearch(NetworkTrainer):
         weight_mask: str = "element",
         target: str | None = None,
         target_count: float | None = None,
+        ramp_steps: int = 0,
         dual_rate: float = DUAL_RATE,
         proportional: float = PROPORTIONAL,
         **kwargs,
@@ -144,25 +152,22 @@ class MaskedSearch(NetworkTrainer):
         self.weight_mask = weight_mask
         self.target = target
         self.target_count = target_count
+        self.ramp_steps = ramp_steps
         self.dual_rate = dual_rate
         self.proportional = proportional
         self._create_masks()
         self.cost = MaskCost(supernet, weight_mask)
         self.multiplier = self.gradient_scale = None
         if target is not None:
-            self.gradient_scale = self.add_weight(
-                shape=(),
-                initializer="zeros",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="cost_gradient_scale",
-            )
-            self.multiplier = self.add_weight(
-                shape=(),
-                initializer="zeros",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="cost_multiplier",
+            self.gradient_scale, self.multiplier = (
+                self.add_weight(
+                    shape=(),
+                    initializer="zeros",
+                    trainable=False,
+                    aggregation="only_first_replica",
+                    name=name,
+                )
+                for name in ("cost_gradient_scale", "cost_multiplier")
             )
         self.attach()
 
@@ -374,6 +379,20 @@ class MaskedSearch(NetworkTrainer):
         """cost / target of the current binary masks, with its straight-through gradient."""
         return self.cost(self._masks(self._binary))[self.target] / self.target_count
 
+    def ramped_target(self):
+        """The controller's target at this step: from the dense count down to the target.
+
+        Asking for the whole reduction at once makes every mask cross τ in the
+        same few steps (Adam moves each by about its learning rate, whatever its
+        gradient) and the network collapse; a target that falls gradually, as
+        in gradual magnitude pruning, lets the cross-entropy decide which go first.
+        """
+        if not self.ramp_steps:
+            return self.target_count
+        done = ops.cast(self.weight_mask_optimizer.iterations, "float32") / self.ramp_steps
+        dense = float(self.cost.dense()[self.target])
+        return dense + (self.target_count - dense) * ops.minimum(done, 1.0)
+
     def train_step(self, data):
         images, labels = data
         variables = self.weight_mask_variables + self.arch_mask_variables
@@ -392,12 +411,13 @@ class MaskedSearch(NetworkTrainer):
             scale = ops.maximum(self.gradient_scale, tf.linalg.global_norm(grads))
             self.gradient_scale.assign(scale)
             balance = scale / (tf.linalg.global_norm(cost_grads) + 1e-12)
-            weight = self.multiplier + self.proportional * (ratio - 1.0)
+            gap = ratio * self.target_count / self.ramped_target() - 1.0
+            weight = self.multiplier + self.proportional * ops.clip(gap, -1.0, 1.0)
             grads = [g + weight * balance * c for g, c in zip(grads, cost_grads, strict=True)]
         self.apply_mask_gradients(grads)
         logs = self.update_metrics(loss, labels, logits)
         if self.target is not None:
-            self.multiplier.assign(self.multiplier + self.dual_rate * (ratio - 1.0))
+            self.multiplier.assign(self.multiplier + self.dual_rate * gap)
             logs.update(cost_ratio=ratio, multiplier=self.multiplier.value)
         return logs
 
