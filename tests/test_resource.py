@@ -271,3 +271,15 @@ def test_an_unreachable_target_is_left_alone_and_reported():
     summary = target_summary(masked, Mask(target="params", target_value=5), result)
     assert summary["within_tolerance"] is False and summary["reached"] > 5
     assert summary["relative_error"] == pytest.approx(summary["reached"] / 5 - 1, rel=1e-5)
+
+
+def test_the_controller_target_ramps_from_the_supernet_to_the_target():
+    supernet, _ = _supernet(9)
+    masked = MaskedSearch(supernet, target="flops", target_count=1000.0, ramp_steps=10)
+    masked.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-4))
+    masked.build_masks()
+    dense = masked.cost.dense()["flops"]
+    iterations = masked.weight_mask_optimizer.iterations
+    for step, expected in ((0, dense), (5, (dense + 1000.0) / 2), (10, 1000.0), (40, 1000.0)):
+        iterations.assign(step)
+        assert float(masked.ramped_target()) == pytest.approx(expected, rel=1e-6)
