@@ -57,7 +57,11 @@ def _config(weight_mask):
     return RunConfig(search_space=SPACE, mask=MaskConfig(weight_mask=weight_mask))
 
 
-@pytest.mark.parametrize("weight_mask", ["element", "channel"])
+# The element variant is large (~75 s alone): element counting is also checked in the default
+# suite by the unused-cell test below and by the pipeline tests' architecture.json counts.
+@pytest.mark.parametrize(
+    "weight_mask", [pytest.param("element", marks=pytest.mark.large), "channel"]
+)
 def test_cost_term_equals_the_counted_cost_of_the_derived_network(weight_mask, tmp_path):
     supernet, _ = _supernet()
     masked = MaskedSearch(supernet, weight_mask=weight_mask)
