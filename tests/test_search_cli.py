@@ -54,7 +54,8 @@ def test_cli_end_to_end_writes_every_artifact(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert rows[0]["arch_loss"] == "" and float(rows[0]["arch_step_fraction"]) == 0.0
     assert float(rows[1]["arch_step_fraction"]) == 1.0 and float(rows[1]["arch_loss"]) > 0
-    assert 0.0 <= float(rows[1]["test_accuracy"]) <= 1.0
+    accuracy = float(rows[1]["test_accuracy"])  # over the 50 test images: k / 50
+    assert 0.0 <= accuracy <= 1.0 and accuracy * 50 == pytest.approx(round(accuracy * 50), abs=1e-3)
     history = [
         json.loads(line) for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))
     ]
