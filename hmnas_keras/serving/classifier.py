@@ -1,70 +1,56 @@
-"""An exported model.onnx, ready to classify images: onnxruntime, numpy and Pillow only.
+"""An exported model, ready to classify images: onnxruntime (or LiteRT), numpy and Pillow only.
 
 Everything it needs to prepare an image — input size, colour mode,
 normalisation, class names — is read from the model's metadata
 (`hmnas_keras.serving.metadata`).
 
     from hmnas_keras.serving import Classifier
-    classifier = Classifier("runs/quickstart/export/model.onnx")
+    classifier = Classifier("runs/quickstart/export/model.onnx")   # or .int8.onnx, .tflite
     classifier.predict_files(["cat.jpg"], top_k=3)   # [{"path", "predictions": [...]}]
     classifier.predict(pixels)                       # uint8 [N, H, W, C] -> top-k per image
 """
 
 import io
-import json
 import os
 
 import numpy as np
 
 from hmnas_keras.serving.metadata import METADATA_FORMAT, METADATA_KEY
+from hmnas_keras.serving.runtimes import ServeError, open_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class ServeError(ValueError):
-    """A model, image or request that cannot be served; the message says what to fix."""
-
-
 class Classifier:
-    """An exported hmnas_keras model.onnx, ready to classify images.
+    """An exported hmnas_keras model, ready to classify images.
 
     Args:
-        model_path: the `model.onnx` written by the export phase.
-        threads: onnxruntime intra-op threads (0: its default).
+        model_path: a model written by the export phase: `model.onnx` or
+            `model.int8.onnx` (onnxruntime), `model.tflite` or
+            `model.int8.tflite` (the LiteRT interpreter, the `tflite` extra).
+        threads: the runtime's intra-op threads (0: onnxruntime's default, or
+            every core for LiteRT).
     """
 
     def __init__(self, model_path: str, threads: int = 0):
-        import onnxruntime
-
         if not os.path.isfile(model_path):
             raise ServeError(
-                f"No model at {model_path}. Pass the model.onnx of an exported run "
-                "(WORKDIR/export/model.onnx)."
+                f"No model at {model_path}. Pass the model.onnx (or .int8.onnx, .tflite, "
+                ".int8.tflite) of an exported run (WORKDIR/export/model.onnx)."
             )
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = onnxruntime.InferenceSession(
-                model_path, options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # onnxruntime raises its own exception types
-            raise ServeError(f"{model_path} is not a readable ONNX model: {error}") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
+        self.model = open_model(model_path, threads)
+        if self.model.metadata is None:
             raise ServeError(
                 f"{model_path} has no {METADATA_KEY} metadata: it was not exported by "
                 "hmnas_keras (python -m hmnas_keras.search --phases=...,export, or "
                 "tools/export_model.py)."
             )
-        self.metadata = json.loads(raw)
+        self.metadata = self.model.metadata
         if self.metadata.get("format") != METADATA_FORMAT:
             raise ServeError(f"{model_path}: unknown metadata format {self.metadata.get('format')}")
         self.model_path = model_path
         self.class_names = list(self.metadata["class_names"])
         model_input = self.metadata["input"]
-        self.input_name = model_input["name"]
-        self.output_name = self.metadata["output"]["name"]
         _, self.height, self.width, self.channels = model_input["shape"]
         self.color = model_input["color"]
         preprocessing = self.metadata["preprocessing"]
@@ -142,8 +128,7 @@ class Classifier:
                 "The inputs hold NaN or infinite values (or values beyond float32's range)."
             )
         outputs = [
-            self.session.run([self.output_name], {self.input_name: inputs[i : i + batch_size]})[0]
-            for i in range(0, len(inputs), batch_size)
+            self.model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)
         ]
         if not outputs:
             return np.zeros((0, len(self.class_names)), "float32")

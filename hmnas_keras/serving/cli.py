@@ -3,6 +3,10 @@
     python -m hmnas_keras.serve --model=runs/quickstart/export/model.onnx --images PATH...
     python -m hmnas_keras.serve --model=... --images PATH... --format=jsonl --top_k=3
     python -m hmnas_keras.serve --model=runs/quickstart/export/model.onnx --port=8000
+    python -m hmnas_keras.serve --model=runs/quickstart/export/model.int8.tflite --images PATH...
+
+`--model` takes model.onnx or model.int8.onnx (onnxruntime), model.tflite or
+model.int8.tflite (the LiteRT interpreter: the `tflite` extra).
 
 `--port` serves over HTTP (binds 127.0.0.1 unless --host says otherwise; needs
 the `http` extra, see `hmnas_keras.serving.http_server`).
@@ -32,10 +36,15 @@ def format_table(results: list[dict]) -> str:
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m hmnas_keras.serve",
-        description="Classify images with an exported hmnas_keras model.onnx (onnxruntime), "
-        "from the command line or as an HTTP server.",
+        description="Classify images with an exported hmnas_keras model (.onnx or .int8.onnx in "
+        "onnxruntime, .tflite or .int8.tflite in LiteRT), from the command line or as an HTTP "
+        "server.",
     )
-    parser.add_argument("--model", required=True, help="The exported model.onnx.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="The exported model: model.onnx, model.int8.onnx, model.tflite or model.int8.tflite.",
+    )
     parser.add_argument(
         "--images",
         nargs="+",
@@ -49,7 +58,7 @@ def parse_args(argv):
     parser.add_argument(
         "--format", choices=("table", "jsonl"), default="table", help="Output format."
     )
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto).")
+    parser.add_argument("--threads", type=int, default=0, help="Runtime threads (0: auto).")
     parser.add_argument("--port", type=int, help="Serve over HTTP on this port instead.")
     parser.add_argument(
         "--host", default="127.0.0.1", help="Address the server binds (default 127.0.0.1)."
