@@ -17,6 +17,10 @@ STRATEGIES = ("default", "mirrored")
 MASK_TARGETS = ("none", "params", "flops")
 MASK_LR_SCHEDULES = ("paper", "scaled")
 WEIGHT_MASKS = ("element", "channel")
+# What the export phase can write (hmnas_keras.export); the defaults are the fast ones.
+EXPORT_FORMATS = ("keras", "saved_model", "onnx", "tflite", "onnx_int8", "tflite_int8")
+DEFAULT_EXPORT_FORMATS = ("keras", "saved_model", "onnx")
+INT8_FORMATS = ("onnx_int8", "tflite_int8")
 # The paper's masking budget: 20 epochs of ~390 steps on CIFAR-10 (§4.2); the "scaled" mask
 # learning rates multiply the paper's by PAPER_MASK_STEPS / (this run's mask steps).
 PAPER_MASK_STEPS = 7800
@@ -193,6 +197,49 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What the export phase writes and how it checks it (`hmnas_keras.export`).
+
+    `formats`: a subset of EXPORT_FORMATS. The int8 models are calibrated on
+    `calibration_images` training images (never test images); every model's
+    top-1 accuracy is measured on up to `accuracy_images` test images. An int8
+    model more than `quantization_tolerance` points below the Keras model is
+    kept but flagged. `tflite_int8_io`: model.int8.tflite takes and returns
+    int8 tensors instead of float32.
+    """
+
+    formats: tuple[str, ...] = DEFAULT_EXPORT_FORMATS
+    calibration_images: int = 256
+    accuracy_images: int = 1000
+    quantization_tolerance: float = 2.0
+    tflite_int8_io: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "formats", tuple(self.formats))
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown or not self.formats:
+            raise ValueError(
+                f"Received an invalid --export_formats, expected a comma list of "
+                f"{', '.join(EXPORT_FORMATS)}. Received: {','.join(self.formats) or '(empty)'}"
+            )
+        for name in ("calibration_images", "accuracy_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"Received an invalid --{name}, expected a positive number of images. "
+                    f"Received: {getattr(self, name)}"
+                )
+        if self.quantization_tolerance < 0:
+            raise ValueError(
+                "Received an invalid --quantization_tolerance, expected accuracy points >= 0. "
+                f"Received: {self.quantization_tolerance}"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return any(f in INT8_FORMATS for f in self.formats)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; library code receives this, never flags.
 
@@ -208,6 +255,7 @@ class RunConfig:
     supernet: SupernetConfig = SupernetConfig()
     mask: MaskConfig = MaskConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    export: ExportConfig = ExportConfig()
     phases: tuple[str, ...] = PHASES
     derivation: str = "masks"
     finetune_init: str = "inherited"
@@ -260,6 +308,8 @@ class RunConfig:
             # Runs written before --mask_lr_schedule existed used the rates as given.
             mask=MaskConfig(**{"lr_schedule": "paper", **values["mask"]}),
             finetune=FinetuneConfig(**values["finetune"]),
+            # Runs written before --export_formats existed exported the defaults.
+            export=ExportConfig(**values.get("export", {})),
             phases=tuple(values["phases"]),
             derivation=values["derivation"],
             finetune_init=values["finetune_init"],

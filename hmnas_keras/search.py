@@ -37,6 +37,7 @@ from hmnas_keras.config import (
     RunConfig,
     SupernetConfig,
 )
+from hmnas_keras.export import options as export_options
 from hmnas_keras.pipeline.workdir import Workdir
 from hmnas_keras.runtime import configure_tensorflow
 from hmnas_keras.space.search_space import OP_NAMES, SearchSpace
@@ -216,6 +217,8 @@ flags.DEFINE_integer(
     "Also checkpoint every N steps (0: epoch ends only).",
     lower_bound=0,
 )
+# Export.
+export_options.define_flags()
 
 flags.register_validator(
     "phases",
@@ -256,6 +259,7 @@ def config_from_flags() -> RunConfig:
         supernet=_section(SupernetConfig, "supernet_"),
         mask=_section(MaskConfig, "mask_"),
         finetune=_section(FinetuneConfig, "finetune_"),
+        export=export_options.export_config(FLAGS),
         phases=tuple(FLAGS.phases),
         derivation=FLAGS.derivation,
         finetune_init=FLAGS.finetune_init,

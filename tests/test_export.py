@@ -90,7 +90,9 @@ def test_exported_files_match_keras_at_two_batch_sizes(exported_workdir):
     parity = summary["parity_max_abs_error"]
     assert parity["compact_vs_searched"]["real"] <= 1e-5
     assert parity["compact_vs_searched"]["random"] <= 1e-5
-    for key in ("keras_file", "saved_model", "onnx"):
+    assert summary["formats"] == ["keras", "saved_model", "onnx"]
+    assert set(summary["files"]) == {"keras", "saved_model", "onnx"}
+    for key in ("keras", "saved_model", "onnx"):
         assert set(parity[key]) == {"batch_1", "batch_64"}
         assert max(parity[key].values()) <= 1e-5, (key, parity[key])
     for key, size in summary["bytes"].items():
@@ -98,7 +100,7 @@ def test_exported_files_match_keras_at_two_batch_sizes(exported_workdir):
     assert summary["parameters"]["dense"] == architecture["parameters"]["searched"]["dense"]
     assert summary["flops"] == architecture["flops"]["searched"]
     speed = summary["speed"]
-    for runtime in ("keras", "onnxruntime"):
+    for runtime in ("keras", "onnx"):
         assert speed["latency_ms_batch_1"][runtime] > 0
         assert speed["throughput_images_per_s_batch_64"][runtime] > 0
     assert "Parity" in format_summary(summary)

@@ -2,19 +2,26 @@
 
     python tools/export_model.py --workdir=runs/quickstart
     python tools/export_model.py --workdir=runs/cifar10 --speed_repeats=100
+    python tools/export_model.py --workdir=runs/cifar10 \
+        --export_formats=keras,saved_model,onnx,tflite,onnx_int8,tflite_int8
 
 Reads WORKDIR/architecture.json, the fine-tuned weights and WORKDIR/config.json
 (its data gives the normalisation constants and the real test images of the
 parity checks), rewrites WORKDIR/export/ (model.keras, saved_model/,
 model.onnx, metadata.json, summary.json) and WORKDIR/report.json, and prints
-the parity errors, sizes and speed. Unlike the pipeline's export phase, it
-always exports again.
+the parity errors, accuracies, sizes and speed. Unlike the pipeline's export
+phase, it always exports again. The export flags (--export_formats,
+--calibration_images, --accuracy_images, --quantization_tolerance,
+--tflite_int8_io) default to the run's own (its config.json); those given here
+replace them.
 """
 
 import os
 import sys
 
 from absl import app, flags, logging
+
+from hmnas_keras.export import options as export_options
 
 flags.DEFINE_string("workdir", None, "A run's directory, fine-tuned (required).")
 flags.DEFINE_float(
@@ -23,7 +30,7 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
     "speed_repeats", 30, "Timed calls for the batch-1 latency (batch 64: a fifth).", lower_bound=1
 )
-flags.DEFINE_integer("parity_images", 64, "Real test images for the parity checks.", lower_bound=1)
+export_options.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -37,7 +44,7 @@ def main(argv):
     from hmnas_keras.checkpoint import CheckpointError
     from hmnas_keras.data import DataError, make_search_data
     from hmnas_keras.export.formats import ExportError
-    from hmnas_keras.pipeline.export_phase import export_workdir, format_summary, real_test_images
+    from hmnas_keras.pipeline.export_phase import export_data, export_workdir, format_summary
     from hmnas_keras.pipeline.report import write_report
     from hmnas_keras.pipeline.workdir import Workdir
 
@@ -49,12 +56,14 @@ def main(argv):
             )
         config = workdir.read_config()
         workdir = Workdir.of_run(FLAGS.workdir, config)
+        try:
+            export = export_options.override(config.export, FLAGS)
+        except ValueError as error:
+            raise ExportError(str(error)) from None
         data = make_search_data(config.data, config.seed)
         summary = export_workdir(
             workdir,
-            data.mean,
-            data.std,
-            real_test_images(data, FLAGS.parity_images),
+            **export_data(data, export),
             tolerance=FLAGS.tolerance,
             speed_repeats=FLAGS.speed_repeats,
         )

@@ -60,14 +60,18 @@ def read_point(workdir: str) -> dict:
     if finetuned.get("test_accuracy") is None:
         raise ValueError(f"{workdir}: its report has no fine-tuned test accuracy.")
     speed = export["speed"]
+    # The float ONNX model's figures ("onnxruntime" in runs exported before TFLite existed).
+    kind = "onnx" if "onnx" in speed["latency_ms_batch_1"] else "onnxruntime"
+    if kind not in speed["latency_ms_batch_1"]:
+        raise ValueError(f"{workdir}: its export has no ONNX model (see --export_formats).")
     return {
         "workdir": workdir,
         "label": label(config),
         "test_accuracy": finetuned["test_accuracy"],
         "mflops": export["flops"]["macs"] / 1e6,
         "parameters": export["parameters"]["dense"],
-        "latency_ms": speed["latency_ms_batch_1"]["onnxruntime"],
-        "throughput": speed["throughput_images_per_s_batch_64"]["onnxruntime"],
+        "latency_ms": speed["latency_ms_batch_1"][kind],
+        "throughput": speed["throughput_images_per_s_batch_64"][kind],
     }
 
 

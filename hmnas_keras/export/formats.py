@@ -8,7 +8,13 @@
   `images` and output `logits` with a dynamic `batch` dimension; its metadata
   (`model_metadata`, JSON under `hmnas_keras.serving.metadata.METADATA_KEY`)
   holds the class names and the preprocessing, so a client can prepare
-  images without this package.
+  images without this package;
+- `export_tflite`: a LiteRT (TFLite) flatbuffer from TensorFlow's converter
+  (`tf.lite.TFLiteConverter`, the maintained converter for TensorFlow models;
+  LiteRT's `ai-edge-litert` package has the interpreter only), with one
+  signature `serving_default`: `images` -> `logits`, and the same metadata
+  JSON as a flatbuffer metadata entry named `METADATA_KEY`. The int8 models
+  are in `hmnas_keras.export.quantize`.
 
 Every file is written to a temporary name and renamed, so an interrupted
 export leaves no half-written model (`remove_leftovers` clears what a killed
@@ -63,7 +69,8 @@ def model_metadata(architecture: dict, mean, std) -> dict:
     }
 
 
-def _tmp(path: str) -> str:
+def temporary_path(path: str) -> str:
+    """Where `path` is written before it is renamed into place (`remove_leftovers` clears it)."""
     return f"{path}{TMP_MARKER}{os.getpid()}"
 
 
@@ -75,7 +82,7 @@ def _replace_dir(tmp_path: str, path: str) -> None:
 
 def export_keras(model, path: str) -> None:
     """`model.keras` (Keras' own format; `keras.saving.load_model`)."""
-    tmp = _tmp(path) + ".keras"
+    tmp = temporary_path(path) + ".keras"
     model.save(tmp)
     os.replace(tmp, path)
 
@@ -97,7 +104,7 @@ def export_saved_model(model, path: str) -> None:
     """A SavedModel with the `serve` and `serving_default` signatures (images -> logits)."""
     import tensorflow as tf
 
-    tmp = _tmp(path)
+    tmp = temporary_path(path)
     serve = serve_function(model)
     module = tf.Module()
     module.model_variables = model.variables
@@ -124,7 +131,7 @@ def export_onnx(model, path: str, metadata: dict, opset: int = ONNX_OPSET) -> No
     import onnx
     import tensorflow as tf
 
-    raw = _tmp(path) + ".raw"
+    raw = temporary_path(path) + ".raw"
     signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, INPUT_NAME)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Keras' tf2onnx patch probes np.object
@@ -144,9 +151,73 @@ def export_onnx(model, path: str, metadata: dict, opset: int = ONNX_OPSET) -> No
     entry.key = METADATA_KEY
     entry.value = json.dumps(metadata)
     onnx.checker.check_model(proto)
-    tmp = _tmp(path)
+    tmp = temporary_path(path)
     onnx.save(proto, tmp)
     os.replace(tmp, path)
+
+
+def frozen_function(model):
+    """The model's serving function with its variables folded in as constants.
+
+    What the TFLite converter takes: converting the variables as resources
+    leaves READ_VARIABLE ops that the int8 calibrator cannot run. Returns a
+    tf.function `images` -> {"logits": ...}.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    frozen = convert_variables_to_constants_v2(serve_function(model).get_concrete_function())
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, INPUT_NAME)],
+        autograph=False,
+    )
+    def serve(images):
+        return {OUTPUT_NAME: frozen(images)[0]}
+
+    return serve
+
+
+def tflite_converter(model):
+    """A `tf.lite.TFLiteConverter` of the model's frozen serving function."""
+    import tensorflow as tf
+
+    function = frozen_function(model).get_concrete_function()
+    return tf.lite.TFLiteConverter.from_concrete_functions([function], tf.Module())
+
+
+def with_tflite_metadata(content: bytes, metadata: dict) -> bytes:
+    """The flatbuffer `content` with `metadata` (JSON) added under METADATA_KEY."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    buffer = schema.BufferT()
+    buffer.data = list(json.dumps(metadata).encode("utf-8"))
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_KEY
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_KEY.encode()]
+    model.metadata.append(entry)
+    builder = flatbuffers.Builder(len(content) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def write_tflite(content: bytes, path: str, metadata: dict) -> None:
+    """Writes a converted flatbuffer with its metadata, atomically."""
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as handle:
+        handle.write(with_tflite_metadata(content, metadata))
+    os.replace(tmp, path)
+
+
+def export_tflite(model, path: str, metadata: dict) -> None:
+    """`model.tflite`: float32, signature `serving_default` (`images` -> `logits`)."""
+    write_tflite(tflite_converter(model).convert(), path, metadata)
 
 
 def remove_leftovers(directory: str) -> None:

@@ -1,15 +1,20 @@
-"""The export phase: the fine-tuned network of a workdir as a compact, checked model.
+"""The export phase: the fine-tuned network of a workdir as compact, checked models.
 
 `export_workdir` (the pipeline's `run_export_phase`, and `tools/export_model.py`)
 reads WORKDIR/architecture.json and the fine-tuned weights, builds the compact
-model (`hmnas_keras.export.compact`), writes it as `.keras`, SavedModel and
-ONNX with its metadata (`hmnas_keras.export.formats`), checks every file
-against Keras and times onnxruntime (`hmnas_keras.export.checks`), and writes
-WORKDIR/export/summary.json: file sizes, parameters and FLOPs of the compact
-model, the parity errors of every export at two batch sizes (and of the compact
-model against the searched network), and onnxruntime latency at batch 1 and
-throughput at batch 64 against Keras. `report.json` shows it. The summary is
-written last: its presence says the phase is complete.
+model (`hmnas_keras.export.compact`) and writes the formats of
+`--export_formats` (default `.keras`, SavedModel and ONNX; also float TFLite,
+and int8 ONNX and TFLite calibrated on training images:
+`hmnas_keras.export.formats`, `hmnas_keras.export.quantize`) with their
+metadata. It checks every float file against Keras, measures the top-1 test
+accuracy of Keras and of every file on the same test images (an int8 model
+that loses more than `--quantization_tolerance` points is kept but flagged,
+with a warning), times Keras and every runtime (`hmnas_keras.export.checks`),
+and writes WORKDIR/export/summary.json: files and sizes, parameters and FLOPs
+of the compact model, parity errors at two batch sizes (and of the compact
+model against the searched network), accuracies, batch-1 latency and batch-64
+throughput. `report.json` shows it. The summary is written last: its presence
+says the phase is complete.
 """
 
 import os
@@ -20,11 +25,17 @@ import numpy as np
 from hmnas_keras.architecture.architecture_json import read_architecture
 from hmnas_keras.architecture.searched_network import SearchedNetwork
 from hmnas_keras.checkpoint import CheckpointError, assign_by_path, write_json
+from hmnas_keras.config import INT8_FORMATS, ExportConfig
 from hmnas_keras.export.checks import (
+    LATENCY_BATCH_SIZE,
     PARITY_BATCH_SIZES,
+    RUNTIME_FORMATS,
     THROUGHPUT_BATCH_SIZE,
+    accuracy,
+    load_exported,
     measure_speed,
     parity_errors,
+    runtime_name,
 )
 from hmnas_keras.export.compact import compact_model, compact_parameter_counts, kernel_macs
 from hmnas_keras.export.formats import (
@@ -33,11 +44,17 @@ from hmnas_keras.export.formats import (
     export_keras,
     export_onnx,
     export_saved_model,
+    export_tflite,
     file_size,
     model_metadata,
     remove_leftovers,
+    temporary_path,
 )
+from hmnas_keras.export.quantize import export_onnx_int8, export_tflite_int8
 from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, Workdir, read_json
+
+# Real test images of the parity checks (the accuracy uses --accuracy_images of them).
+PARITY_IMAGES = 64
 
 
 def load_finetuned_network(workdir: Workdir):
@@ -70,14 +87,85 @@ def load_finetuned_network(workdir: Workdir):
     return architecture, network
 
 
-def _write_models(model, files, metadata: dict, log) -> None:
+def check_export_settings(export: ExportConfig, training_images: int | None = None) -> None:
+    """Refuses, before any work, formats the installed packages cannot produce, and a
+    calibration count the training split cannot provide (ExportError, one line)."""
+    if any(kind.startswith("tflite") for kind in export.formats):
+        try:
+            import ai_edge_litert.interpreter  # noqa: F401
+        except ImportError:
+            raise ExportError(
+                "--export_formats with tflite or tflite_int8 needs the LiteRT interpreter, "
+                'which checks the models: pip install -e ".[cpu,tflite]" in a checkout (or '
+                "pip install ai-edge-litert)."
+            ) from None
+    if "onnx_int8" in export.formats:
+        try:
+            import onnxruntime.quantization  # noqa: F401
+        except ImportError as error:
+            raise ExportError(
+                f"--export_formats=onnx_int8 needs onnxruntime's quantization tools ({error.name} "
+                'is missing): pip install -e ".[cpu]" in a checkout.'
+            ) from None
+    if export.quantized and training_images is not None:
+        _check_calibration_count(export.calibration_images, training_images)
+
+
+def _check_calibration_count(count: int, training_images: int) -> None:
+    if count > training_images:
+        raise ExportError(
+            f"--calibration_images={count} is more than the training split holds "
+            f"({training_images} images): lower it, or use more training data."
+        )
+
+
+def _write_models(model, files, export: ExportConfig, metadata, calibration, log) -> dict:
+    """Writes the chosen formats; returns {format: path}."""
     os.makedirs(files.directory, exist_ok=True)
     remove_leftovers(files.directory)
+    paths = {kind: files.models[kind] for kind in export.formats}
     log(f"Export: compact model of {len(model.layers)} layers; writing {files.directory}/")
-    export_keras(model, files.keras_file)
-    export_saved_model(model, files.saved_model)
-    export_onnx(model, files.onnx, metadata)
+    if "keras" in paths:
+        export_keras(model, paths["keras"])
+    if "saved_model" in paths:
+        export_saved_model(model, paths["saved_model"])
+    float_onnx = paths.get("onnx") or temporary_path(files.onnx)
+    if "onnx" in paths or "onnx_int8" in paths:
+        export_onnx(model, float_onnx, metadata)
+    if "tflite" in paths:
+        export_tflite(model, paths["tflite"], metadata)
+    if "onnx_int8" in paths:
+        log(f"Export: int8 ONNX, calibrated on {len(calibration)} training images")
+        export_onnx_int8(float_onnx, paths["onnx_int8"], calibration)
+        if "onnx" not in paths:
+            os.remove(float_onnx)
+    if "tflite_int8" in paths:
+        log(f"Export: int8 TFLite, calibrated on {len(calibration)} training images")
+        export_tflite_int8(
+            model, paths["tflite_int8"], metadata, calibration, export.tflite_int8_io
+        )
     write_json(files.metadata, metadata)
+    return paths
+
+
+def _flag_quantized(result: dict, export: ExportConfig, paths: dict, log) -> list[str]:
+    """Marks the int8 models that lose more than the tolerance; warns by name."""
+    flagged = []
+    for kind, entry in result["models"].items():
+        entry["drop_points"] = round(100.0 * (result["keras"] - entry["test_accuracy"]), 2)
+        entry["flagged"] = kind in INT8_FORMATS and entry["drop_points"] > (
+            export.quantization_tolerance
+        )
+        if entry["flagged"]:
+            flagged.append(kind)
+            log(
+                f"Warning: {os.path.basename(paths[kind])} loses {entry['drop_points']:.2f} "
+                f"points of test accuracy against Keras ({100 * entry['test_accuracy']:.2f}% "
+                f"against {100 * result['keras']:.2f}% on {result['images']} images; "
+                f"--quantization_tolerance={export.quantization_tolerance:g}). The file is kept; "
+                "use it only if that loss is acceptable."
+            )
+    return flagged
 
 
 def export_workdir(
@@ -85,6 +173,9 @@ def export_workdir(
     mean,
     std,
     images: np.ndarray,
+    labels: np.ndarray | None = None,
+    calibration: np.ndarray | None = None,
+    export: ExportConfig | None = None,
     tolerance: float = 1e-5,
     speed_repeats: int = 30,
     log=print,
@@ -92,15 +183,26 @@ def export_workdir(
     """Builds, exports and checks the compact model of `workdir`; writes export/summary.json.
 
     `mean`, `std`: the normalisation of the run's data; `images`: real
-    normalised test images for the parity checks. Raises ExportError when the
-    compact model differs from the searched network by more than `tolerance`.
+    normalised test images, the first `PARITY_IMAGES` for the parity checks
+    and, with their `labels`, the first `export.accuracy_images` for the test
+    accuracy of every model; `calibration`: normalised training images
+    for the int8 models (needed when `export` asks for one). Raises ExportError
+    when the compact model differs from the searched network by more than
+    `tolerance`.
     """
     started = time.monotonic()
+    export = export or ExportConfig()
+    check_export_settings(export)
+    if export.quantized and calibration is None:
+        raise ExportError("The int8 formats need calibration images (training images).")
     architecture, network = load_finetuned_network(workdir)
     model = compact_model(network)
     files = workdir.export
-    _write_models(model, files, model_metadata(architecture, mean, std), log)
-    parity = parity_errors(network, model, files.models, np.asarray(images, "float32"))
+    metadata = model_metadata(architecture, mean, std)
+    images = np.asarray(images, "float32")
+    paths = _write_models(model, files, export, metadata, calibration, log)
+    loaded = {kind: load_exported(kind, path) for kind, path in paths.items()}
+    parity = parity_errors(network, model, loaded, images[:PARITY_IMAGES])
     compaction_error = parity["compact_vs_searched"]["real"]
     if compaction_error > tolerance:
         raise ExportError(
@@ -108,69 +210,177 @@ def export_workdir(
             f"(tolerance {tolerance:g}) on real inputs. This is a bug: please report it with "
             f"{Workdir.ARCHITECTURE}."
         )
-    log("Export: measuring onnxruntime and Keras speed")
-    speed = measure_speed(model, files.onnx, architecture["image_shape"], speed_repeats)
     summary = {
-        "files": {key: workdir.relative(path) for key, path in files.models.items()},
-        "bytes": {key: file_size(path) for key, path in files.models.items()},
+        "formats": list(export.formats),
+        "files": {kind: workdir.relative(path) for kind, path in paths.items()},
+        "bytes": {kind: file_size(path) for kind, path in paths.items()},
         "onnx_opset": ONNX_OPSET,
         "parameters": compact_parameter_counts(model),
         "flops": kernel_macs(model),
         "searched_parameters": architecture.get("parameters", {}).get("searched"),
         "parity_max_abs_error": parity,
-        "speed": speed,
-        "export_seconds": round(time.monotonic() - started, 2),
     }
+    if labels is not None:
+        count = min(export.accuracy_images, len(images))
+        log(f"Export: test accuracy of every model on {count} test images")
+        summary["accuracy"] = accuracy(model, loaded, images[:count], labels[:count])
+        summary["accuracy"]["flagged"] = _flag_quantized(summary["accuracy"], export, paths, log)
+    if export.quantized:
+        summary["quantization"] = {
+            "calibration_images": int(len(calibration)),
+            "tolerance_points": export.quantization_tolerance,
+            "tflite_int8_io": "int8" if export.tflite_int8_io else "float32",
+        }
+    log("Export: measuring the speed of Keras and of each runtime")
+    summary["speed"] = measure_speed(model, loaded, architecture["image_shape"], speed_repeats)
+    summary["export_seconds"] = round(time.monotonic() - started, 2)
     write_json(files.summary, summary)
     return summary
+
+
+def _speed_line(summary: dict) -> str:
+    speed = summary["speed"]
+    latency = speed[f"latency_ms_batch_{LATENCY_BATCH_SIZE}"]
+    throughput = speed[f"throughput_images_per_s_batch_{THROUGHPUT_BATCH_SIZE}"]
+    # Runs exported before the other runtimes existed called the float ONNX "onnxruntime".
+    kind = "onnx" if "onnx" in latency else "onnxruntime" if "onnxruntime" in latency else None
+    if kind is None:
+        return (
+            f"Speed: batch-1 latency Keras {latency['keras']:.2f} ms; batch-"
+            f"{THROUGHPUT_BATCH_SIZE} throughput Keras {throughput['keras']:,.0f}/s"
+        )
+    return (
+        f"Speed: batch-1 latency onnxruntime {latency[kind]:.2f} ms, Keras "
+        f"{latency['keras']:.2f} ms; batch-{THROUGHPUT_BATCH_SIZE} throughput onnxruntime "
+        f"{throughput[kind]:,.0f}/s, Keras {throughput['keras']:,.0f}/s"
+    )
+
+
+def models_table(summary: dict) -> list[str]:
+    """One line per exported model: file, size, runtime, accuracy, batch-1 / batch-64 speed."""
+    accuracy = summary.get("accuracy")
+    speed = summary["speed"]
+    latency = speed[f"latency_ms_batch_{LATENCY_BATCH_SIZE}"]
+    throughput = speed[f"throughput_images_per_s_batch_{THROUGHPUT_BATCH_SIZE}"]
+    header = f"{'model':<20} {'runtime':<12} {'size':>9} {'test acc':>9} {'agrees':>7} "
+    header += f"{'batch-1 ms':>10} {'batch-64/s':>10}"
+    lines = [header]
+
+    def row(name, runtime, size, acc, agrees, ms, per_s, note=""):
+        cells = [
+            f"{name:<20}",
+            f"{runtime:<12}",
+            f"{size:>9}",
+            f"{acc:>9}",
+            f"{agrees:>7}",
+            f"{ms:>10}",
+            f"{per_s:>10}",
+        ]
+        return " ".join(cells) + note
+
+    keras_acc = f"{100 * accuracy['keras']:.2f}%" if accuracy else "-"
+    lines.append(
+        row(
+            "Keras (in memory)",
+            "keras",
+            "",
+            keras_acc,
+            "",
+            f"{latency['keras']:.2f}",
+            f"{throughput['keras']:,.0f}",
+        )
+    )
+    for kind, path in summary["files"].items():
+        entry = (accuracy or {}).get("models", {}).get(kind, {})
+        note = ""
+        if entry.get("flagged"):
+            note = f"  <- {entry['drop_points']:.2f} points below Keras (flagged)"
+        lines.append(
+            row(
+                os.path.basename(path),
+                runtime_name(kind),
+                f"{summary['bytes'][kind] / 1024:,.0f} KiB",
+                f"{100 * entry['test_accuracy']:.2f}%" if entry else "-",
+                f"{100 * entry['agreement_with_keras']:.1f}%" if entry else "-",
+                f"{latency[kind]:.2f}" if kind in RUNTIME_FORMATS else "-",
+                f"{throughput[kind]:,.0f}" if kind in RUNTIME_FORMATS else "-",
+                note,
+            )
+        )
+    if accuracy:
+        lines.append(
+            f"(test accuracy and agreement with Keras' top-1 on {accuracy['images']} test images)"
+        )
+    return lines
 
 
 def format_summary(summary: dict) -> str:
     """A few lines for the console and report.txt."""
     parity = summary["parity_max_abs_error"]
-    worst = {key: max(parity[key].values()) for key in ("keras_file", "saved_model", "onnx")}
-    speed = summary["speed"]
-    latency = speed["latency_ms_batch_1"]
-    throughput = speed[f"throughput_images_per_s_batch_{THROUGHPUT_BATCH_SIZE}"]
+    floats = [k for k in parity if k != "compact_vs_searched"]
     parameters = summary["parameters"]
-    return "\n".join(
-        [
-            f"Export: {parameters['dense']:,} parameters ({parameters['nonzero']:,} non-zero), "
-            f"{summary['flops']['macs'] / 1e6:.2f} MFLOPs "
-            f"({summary['flops']['nonzero_macs'] / 1e6:.2f} over non-zero weights); model.keras "
-            f"{summary['bytes']['keras_file'] / 1024:.0f} KiB, model.onnx "
-            f"{summary['bytes']['onnx'] / 1024:.0f} KiB (opset {summary['onnx_opset']})",
-            f"Parity (max |logit difference|): compact vs searched "
-            f"{parity['compact_vs_searched']['real']:.2g}; vs Keras at batch "
-            f"{'/'.join(str(b) for b in PARITY_BATCH_SIZES)}: .keras {worst['keras_file']:.2g}, "
-            f"SavedModel {worst['saved_model']:.2g}, ONNX {worst['onnx']:.2g}",
-            f"Speed: batch-1 latency onnxruntime {latency['onnxruntime']:.2f} ms, Keras "
-            f"{latency['keras']:.2f} ms; batch-{THROUGHPUT_BATCH_SIZE} throughput onnxruntime "
-            f"{throughput['onnxruntime']:,.0f}/s, Keras {throughput['keras']:,.0f}/s",
-        ]
+    files = ", ".join(
+        f"{os.path.basename(path)} {summary['bytes'][kind] / 1024:.0f} KiB"
+        for kind, path in summary["files"].items()
     )
+    lines = [
+        f"Export: {parameters['dense']:,} parameters ({parameters['nonzero']:,} non-zero), "
+        f"{summary['flops']['macs'] / 1e6:.2f} MFLOPs "
+        f"({summary['flops']['nonzero_macs'] / 1e6:.2f} over non-zero weights); {files} "
+        f"(ONNX opset {summary['onnx_opset']})",
+        f"Parity (max |logit difference|): compact vs searched "
+        f"{parity['compact_vs_searched']['real']:.2g}; vs Keras at batch "
+        f"{'/'.join(str(b) for b in PARITY_BATCH_SIZES)}: "
+        + ", ".join(f"{kind} {max(parity[kind].values()):.2g}" for kind in floats),
+        _speed_line(summary),
+    ]
+    if "accuracy" in summary:
+        lines += models_table(summary)
+    return "\n".join(lines)
 
 
-def real_test_images(data, count: int = 64) -> np.ndarray:
-    """Up to `count` normalised test images of a SearchData."""
-    images = []
-    for batch, _ in data.test_dataset():
-        images.append(batch.numpy())
-        if sum(len(b) for b in images) >= count:
-            break
-    return np.concatenate(images)[:count]
+def test_examples(data, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` test images of a SearchData (normalised) and their labels.
+
+    Drawn at random (fixed seed) when the split holds more: the split is in
+    class order, so its first images would be a few classes only.
+    """
+    chosen = np.arange(len(data.test_images))
+    if count < len(chosen):
+        chosen = np.sort(np.random.default_rng([0, 13]).permutation(len(chosen))[:count])
+    images = (data.test_images[chosen].astype("float32") / 255.0 - data.mean) / data.std
+    return images.astype("float32"), np.asarray(data.test_labels)[chosen]
 
 
-def run_export_phase(data, workdir: Workdir, verbose: bool = True) -> dict:
+def calibration_images(data, count: int) -> np.ndarray:
+    """`count` training images (weight and architecture parts), drawn by the run's seed,
+    normalised as the model expects. Never test images."""
+    pixels = np.concatenate([data.weight_images, data.arch_images])
+    _check_calibration_count(count, len(pixels))
+    chosen = np.sort(np.random.default_rng([data.seed, 11]).permutation(len(pixels))[:count])
+    return ((pixels[chosen].astype("float32") / 255.0 - data.mean) / data.std).astype("float32")
+
+
+def export_data(data, export: ExportConfig) -> dict:
+    """The keyword arguments of `export_workdir` that come from the run's data."""
+    images, labels = test_examples(data, max(export.accuracy_images, PARITY_IMAGES))
+    quantized = export.quantized
+    return {
+        "mean": data.mean,
+        "std": data.std,
+        "images": images,
+        "labels": labels,
+        "calibration": calibration_images(data, export.calibration_images) if quantized else None,
+        "export": export,
+    }
+
+
+def run_export_phase(config, data, workdir: Workdir, verbose: bool = True) -> dict:
     """The pipeline's export phase (skipped when WORKDIR/export/summary.json exists)."""
     path = workdir.export.summary
     if os.path.exists(path):
         print(f"The export phase already finished ({path}); tools/export_model.py exports again.")
         return read_json(path)
     return export_workdir(
-        workdir,
-        data.mean,
-        data.std,
-        real_test_images(data),
-        log=print if verbose else (lambda *_: None),
+        workdir, **export_data(data, config.export), log=print if verbose else (lambda *_: None)
     )

@@ -62,7 +62,7 @@ def _finetune(config, data, workdir, strategy) -> None:
 def _export(config, data, workdir, strategy) -> None:
     from hmnas_keras.pipeline.export_phase import format_summary, run_export_phase
 
-    print(format_summary(run_export_phase(data, workdir)))
+    print(format_summary(run_export_phase(config, data, workdir)))
     print(f"Exported models in {workdir.export.directory}")
 
 
@@ -92,6 +92,10 @@ def run(config: RunConfig, workdir: Workdir) -> dict:
         from hmnas_keras.pipeline.mask_phase import check_mask_settings
 
         check_mask_settings(config, data, workdir)
+    if "export" in config.phases:
+        from hmnas_keras.pipeline.export_phase import check_export_settings
+
+        check_export_settings(config.export, len(data.weight_images) + len(data.arch_images))
     for name, runner in PHASE_RUNNERS.items():
         if name in config.phases:
             runner(config, data, workdir, strategy)

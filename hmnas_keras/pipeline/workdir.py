@@ -10,6 +10,7 @@ leaves in its workdir"):
     architecture.json  searched.json
     finetune/   checkpoint.npz  metrics.csv  tensorboard/  summary.json
     export/     model.keras  saved_model/  model.onnx  metadata.json  summary.json
+                (with --export_formats also model.tflite, model.int8.onnx, model.int8.tflite)
     pictures/   report.json  report.txt
 
 Checkpoints store variables by path, and a path starts with the name of the
@@ -79,6 +80,18 @@ class ExportFiles:
         return os.path.join(self.directory, "model.onnx")
 
     @property
+    def tflite(self) -> str:
+        return os.path.join(self.directory, "model.tflite")
+
+    @property
+    def onnx_int8(self) -> str:
+        return os.path.join(self.directory, "model.int8.onnx")
+
+    @property
+    def tflite_int8(self) -> str:
+        return os.path.join(self.directory, "model.int8.tflite")
+
+    @property
     def metadata(self) -> str:
         return os.path.join(self.directory, "metadata.json")
 
@@ -88,8 +101,15 @@ class ExportFiles:
 
     @property
     def models(self) -> dict:
-        """The exported models by kind, as `hmnas_keras.export.checks.parity_errors` takes them."""
-        return {"keras_file": self.keras_file, "saved_model": self.saved_model, "onnx": self.onnx}
+        """Every model file the export can write, by format (config.EXPORT_FORMATS)."""
+        return {
+            "keras": self.keras_file,
+            "saved_model": self.saved_model,
+            "onnx": self.onnx,
+            "tflite": self.tflite,
+            "onnx_int8": self.onnx_int8,
+            "tflite_int8": self.tflite_int8,
+        }
 
 
 class Workdir:
