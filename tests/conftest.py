@@ -89,20 +89,28 @@ def real_images(count=16, channels=3):
     return ((pixels - 0.3) / 0.35).astype("float32")
 
 
-@pytest.fixture(scope="session")
-def exported_workdir(tmp_path_factory):
-    """A workdir with architecture.json, finetune/checkpoint.npz and a finished export."""
+def export_tiny_run(root, images, **export_args):
+    """(Workdir, architecture, network, summary): `searched_network()` saved as a fine-tuned
+    run in `root` and exported by the export phase (normalisation 0.3 / 0.35)."""
     from hmnas_keras.architecture import architecture_json as arch_json
     from hmnas_keras.checkpoint import save_checkpoint
     from hmnas_keras.pipeline.export_phase import export_workdir
     from hmnas_keras.pipeline.workdir import Workdir
 
-    workdir = Workdir(str(tmp_path_factory.mktemp("exported") / "run"))
+    workdir = Workdir(str(root))
     architecture, network = searched_network()
     os.makedirs(workdir.finetune.directory)
     arch_json.write_architecture(architecture, workdir.architecture)
     save_checkpoint(workdir.finetune.checkpoint, network.variables, {"finished": True})
-    summary = export_workdir(
-        workdir, [0.3] * 3, [0.35] * 3, real_images(), speed_repeats=3, log=lambda *_: None
+    export_args = {"speed_repeats": 3, "log": lambda *_: None, **export_args}
+    summary = export_workdir(workdir, [0.3] * 3, [0.35] * 3, images, **export_args)
+    return workdir, architecture, network, summary
+
+
+@pytest.fixture(scope="session")
+def exported_workdir(tmp_path_factory):
+    """A workdir with architecture.json, finetune/checkpoint.npz and a finished export."""
+    workdir, architecture, network, summary = export_tiny_run(
+        tmp_path_factory.mktemp("exported") / "run", real_images()
     )
     return workdir.root, architecture, network, summary

@@ -8,14 +8,12 @@ against the Keras model.
 
 import json
 import os
-import subprocess
-import time
 
 import numpy as np
 import pytest
-from conftest import EXPORT_CLASSES, real_images, searched_network
+from conftest import EXPORT_CLASSES, export_tiny_run, real_images
 from PIL import Image
-from test_serve import free_port, request, run_cli, serve_command
+from test_serve import http_server, request, run_cli
 
 from hmnas_keras.config import ExportConfig
 from hmnas_keras.export.formats import ExportError
@@ -35,28 +33,15 @@ def digit_labels(count):
 @pytest.fixture(scope="module")
 def lite_workdir(tmp_path_factory):
     """A workdir exported as ONNX, TFLite and both int8 models, with accuracy on 96 images."""
-    from hmnas_keras.architecture import architecture_json as arch_json
-    from hmnas_keras.checkpoint import save_checkpoint
-    from hmnas_keras.pipeline.export_phase import export_workdir
-    from hmnas_keras.pipeline.workdir import Workdir
-
-    workdir = Workdir(str(tmp_path_factory.mktemp("lite") / "run"))
-    architecture, network = searched_network()
-    os.makedirs(workdir.finetune.directory)
-    arch_json.write_architecture(architecture, workdir.architecture)
-    save_checkpoint(workdir.finetune.checkpoint, network.variables, {"finished": True})
     images = real_images(96)
     logs = []
-    summary = export_workdir(
-        workdir,
-        MEAN,
-        STD,
+    workdir, _, network, summary = export_tiny_run(
+        tmp_path_factory.mktemp("lite") / "run",
         images,
         labels=digit_labels(96),
         # Calibration on other images than the ones the accuracy is measured on.
         calibration=real_images(160)[96:],
         export=ExportConfig(formats=FORMATS, accuracy_images=96, calibration_images=64),
-        speed_repeats=3,
         log=logs.append,
     )
     return workdir, network, summary, images, logs
@@ -146,7 +131,7 @@ def test_int8_io_tflite_is_quantized_and_dequantized_by_the_runtime(lite_workdir
 
 
 def test_quantization_loss_beyond_the_tolerance_is_flagged_with_a_warning():
-    from hmnas_keras.pipeline.export_phase import _flag_quantized, format_summary
+    from hmnas_keras.pipeline.export_phase import flag_quantized, format_summary
 
     result = {
         "images": 200,
@@ -159,7 +144,7 @@ def test_quantization_loss_beyond_the_tolerance_is_flagged_with_a_warning():
     }
     logs = []
     paths = {"onnx_int8": "x/model.int8.onnx", "tflite_int8": "x/model.int8.tflite"}
-    flagged = _flag_quantized(result, ExportConfig(quantization_tolerance=2.0), paths, logs.append)
+    flagged = flag_quantized(result, ExportConfig(quantization_tolerance=2.0), paths, logs.append)
     assert flagged == ["tflite_int8"]
     assert result["models"]["tflite_int8"]["drop_points"] == pytest.approx(5.0)
     assert result["models"]["onnx_int8"]["flagged"] is False
@@ -238,31 +223,10 @@ def test_cli_and_http_serve_tflite_and_int8_onnx_without_tensorflow(lite_workdir
 
 
 def predict_over_http(model, pixels):
-    """Starts `python -m hmnas_keras.serve --port` (TensorFlow blocked), POSTs JSON pixels."""
-    port = free_port()
-    process = subprocess.Popen(
-        serve_command(f"--model={model}", f"--port={port}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if request(f"{url}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start: {process.stdout.read()}")
-            time.sleep(0.2)
+    """Serves `model` over loopback HTTP (TensorFlow blocked) and POSTs JSON pixels to it."""
+    with http_server(model) as url:
         payload = json.dumps({"pixels": pixels.tolist()}).encode()
         return request(f"{url}/predict?top_k=1", payload, "application/json")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_onnx_profile_splits_time_by_op_kind(lite_workdir):

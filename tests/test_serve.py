@@ -4,6 +4,7 @@ The CLI and the server run in subprocesses where importing TensorFlow, Keras or
 tf2onnx raises ImportError: serving must work on a machine without them.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -199,35 +200,42 @@ def multipart(files):
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-@pytest.fixture(scope="module")
-def server(exported_workdir):
+@contextlib.contextmanager
+def http_server(model, *flags):
+    """`python -m hmnas_keras.serve --model=MODEL --port=...` (TensorFlow blocked): its URL,
+    once /health answers; stopped on exit."""
     port = free_port()
     process = subprocess.Popen(
-        serve_command(
-            f"--model={model_path(exported_workdir)}",
-            f"--port={port}",
-            "--max_images=3",
-            "--max_request_bytes=20000",
-        ),
+        serve_command(f"--model={model}", f"--port={port}", *flags),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if request(f"{url}/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start: {process.stdout.read()}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if request(f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the server did not start: {process.stdout.read()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(exported_workdir):
+    with http_server(
+        model_path(exported_workdir), "--max_images=3", "--max_request_bytes=20000"
+    ) as url:
+        yield url
 
 
 def png_bytes(pixels):

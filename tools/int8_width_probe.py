@@ -41,8 +41,9 @@ def probe(architecture: dict, channels: int, folder: str) -> dict:
     rng = np.random.default_rng(0)
     shape = tuple(architecture["image_shape"])
     paths = {kind: os.path.join(folder, f"{kind}_{channels}.onnx") for kind in ("float", "int8")}
-    export_onnx(model, paths["float"], model_metadata(architecture, [0.5] * 3, [0.25] * 3))
-    export_onnx_int8(paths["float"], paths["int8"], rng.normal(size=(128, *shape)))
+    metadata = model_metadata(architecture, [0.5] * 3, [0.25] * 3)
+    export_onnx(model, paths["float"], metadata)
+    export_onnx_int8(paths["float"], paths["int8"], metadata, rng.normal(size=(128, *shape)))
     batch = rng.normal(size=(BATCH, *shape)).astype("float32")
     sessions = {
         kind: onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -33,10 +33,17 @@ def _batches(images: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([images] * reps)[:size]
 
 
-# Formats run by a runtime of the serving side, and which of them are float models.
+# The runtime that runs each format; the last four are the serving side's, and timed.
+RUNTIMES = {
+    "keras": "keras",
+    "saved_model": "tensorflow",
+    "onnx": "onnxruntime",
+    "onnx_int8": "onnxruntime",
+    "tflite": "litert",
+    "tflite_int8": "litert",
+}
 RUNTIME_FORMATS = ("onnx", "onnx_int8", "tflite", "tflite_int8")
 FLOAT_FORMATS = ("keras", "saved_model", "onnx", "tflite")
-RUNTIME_NAMES = {"keras": "keras", "saved_model": "tensorflow"}
 
 
 def load_exported(kind: str, path: str):
@@ -56,13 +63,6 @@ def load_exported(kind: str, path: str):
         signature = tf.saved_model.load(path).signatures["serve"]
         return lambda batch: signature(images=tf.constant(batch))[OUTPUT_NAME].numpy()
     raise ValueError(f"Unknown export format {kind!r}")
-
-
-def runtime_name(kind: str) -> str:
-    """The runtime a format is run by: keras, tensorflow, onnxruntime or litert."""
-    if kind in RUNTIME_NAMES:
-        return RUNTIME_NAMES[kind]
-    return "litert" if kind.startswith("tflite") else "onnxruntime"
 
 
 def parity_errors(network, model, loaded: dict, images: np.ndarray) -> dict:

@@ -147,13 +147,20 @@ def export_onnx(model, path: str, metadata: dict, opset: int = ONNX_OPSET) -> No
         "hmnas_keras compact classifier: images (NHWC float32, normalised as the metadata says) "
         "-> logits."
     )
-    entry = proto.metadata_props.add()
-    entry.key = METADATA_KEY
-    entry.value = json.dumps(metadata)
+    set_onnx_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     tmp = temporary_path(path)
     onnx.save(proto, tmp)
     os.replace(tmp, path)
+
+
+def set_onnx_metadata(proto, metadata: dict) -> None:
+    """Puts `metadata` (JSON) into an ONNX ModelProto under METADATA_KEY, replacing any."""
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    for key, value in [*kept, (METADATA_KEY, json.dumps(metadata))]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def frozen_function(model):

@@ -3,24 +3,28 @@
 - `export_onnx_int8`: `model.int8.onnx`, onnxruntime's static quantization of
   the float model.onnx: QDQ format, weights int8 per output channel,
   activations uint8 (onnxruntime's recommended U8S8 pairing on x86: its int8
-  kernels take unsigned activations), with the float model's metadata;
+  kernels take unsigned activations);
 - `export_tflite_int8`: `model.int8.tflite`, TensorFlow's full-integer
   post-training quantization (every op int8, `TFLITE_BUILTINS_INT8`), float32
   input and output by default (quantized inside the model), or int8 input and
   output with `int8_io=True`; the metadata says which.
 
-Both calibrate the ranges of the activations on `calibration` — normalised
+Both carry the float models' metadata plus a "quantization" entry saying how
+they were made. Both calibrate the ranges of the activations on `calibration` — normalised
 training images, never test images — fed in batches of `CALIBRATION_BATCH`.
 """
 
-import json
 import os
 
 import numpy as np
 
 from hmnas_keras.export.compact import INPUT_NAME
-from hmnas_keras.export.formats import temporary_path, tflite_converter, write_tflite
-from hmnas_keras.serving.metadata import METADATA_KEY
+from hmnas_keras.export.formats import (
+    set_onnx_metadata,
+    temporary_path,
+    tflite_converter,
+    write_tflite,
+)
 
 CALIBRATION_BATCH = 16
 
@@ -31,7 +35,7 @@ def _calibration_batches(calibration: np.ndarray):
         yield calibration[start : start + CALIBRATION_BATCH]
 
 
-def export_onnx_int8(float_path: str, path: str, calibration: np.ndarray) -> None:
+def export_onnx_int8(float_path: str, path: str, metadata: dict, calibration: np.ndarray) -> None:
     """`model.int8.onnx` from the float `model.onnx` at `float_path` (QDQ, per-channel)."""
     import onnx
     from onnxruntime import quantization
@@ -60,20 +64,13 @@ def export_onnx_int8(float_path: str, path: str, calibration: np.ndarray) -> Non
             calibrate_method=quantization.CalibrationMethod.MinMax,
         )
         proto = onnx.load(tmp)
-        metadata = {e.key: e.value for e in onnx.load(float_path).metadata_props}
-        if METADATA_KEY in metadata:
-            described = json.loads(metadata[METADATA_KEY])
-            described["quantization"] = {
-                "kind": "int8, onnxruntime static quantization (QDQ)",
-                "weights": "int8, per channel",
-                "activations": "uint8",
-                "calibration_images": int(len(calibration)),
-            }
-            metadata[METADATA_KEY] = json.dumps(described)
-        del proto.metadata_props[:]
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+        quantization_note = {
+            "kind": "int8, onnxruntime static quantization (QDQ)",
+            "weights": "int8, per channel",
+            "activations": "uint8",
+            "calibration_images": int(len(calibration)),
+        }
+        set_onnx_metadata(proto, {**metadata, "quantization": quantization_note})
         onnx.save(proto, tmp)
         os.replace(tmp, path)
     finally:
@@ -97,10 +94,9 @@ def export_tflite_int8(
     if int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    described = dict(metadata)
-    described["quantization"] = {
+    quantization_note = {
         "kind": "int8, TFLite full-integer post-training",
         "input_output": "int8" if int8_io else "float32",
         "calibration_images": int(len(calibration)),
     }
-    write_tflite(converter.convert(), path, described)
+    write_tflite(converter.convert(), path, {**metadata, "quantization": quantization_note})

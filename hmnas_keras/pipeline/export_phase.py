@@ -30,12 +30,12 @@ from hmnas_keras.export.checks import (
     LATENCY_BATCH_SIZE,
     PARITY_BATCH_SIZES,
     RUNTIME_FORMATS,
+    RUNTIMES,
     THROUGHPUT_BATCH_SIZE,
     accuracy,
     load_exported,
     measure_speed,
     parity_errors,
-    runtime_name,
 )
 from hmnas_keras.export.compact import compact_model, compact_parameter_counts, kernel_macs
 from hmnas_keras.export.formats import (
@@ -136,7 +136,7 @@ def _write_models(model, files, export: ExportConfig, metadata, calibration, log
         export_tflite(model, paths["tflite"], metadata)
     if "onnx_int8" in paths:
         log(f"Export: int8 ONNX, calibrated on {len(calibration)} training images")
-        export_onnx_int8(float_onnx, paths["onnx_int8"], calibration)
+        export_onnx_int8(float_onnx, paths["onnx_int8"], metadata, calibration)
         if "onnx" not in paths:
             os.remove(float_onnx)
     if "tflite_int8" in paths:
@@ -148,7 +148,7 @@ def _write_models(model, files, export: ExportConfig, metadata, calibration, log
     return paths
 
 
-def _flag_quantized(result: dict, export: ExportConfig, paths: dict, log) -> list[str]:
+def flag_quantized(result: dict, export: ExportConfig, paths: dict, log) -> list[str]:
     """Marks the int8 models that lose more than the tolerance; warns by name."""
     flagged = []
     for kind, entry in result["models"].items():
@@ -224,7 +224,7 @@ def export_workdir(
         count = min(export.accuracy_images, len(images))
         log(f"Export: test accuracy of every model on {count} test images")
         summary["accuracy"] = accuracy(model, loaded, images[:count], labels[:count])
-        summary["accuracy"]["flagged"] = _flag_quantized(summary["accuracy"], export, paths, log)
+        summary["accuracy"]["flagged"] = flag_quantized(summary["accuracy"], export, paths, log)
     if export.quantized:
         summary["quantization"] = {
             "calibration_images": int(len(calibration)),
@@ -256,57 +256,53 @@ def _speed_line(summary: dict) -> str:
     )
 
 
+# The columns of the per-model table: heading and alignment.
+TABLE_COLUMNS = (
+    ("model", "<20"),
+    ("runtime", "<12"),
+    ("size", ">9"),
+    ("test acc", ">9"),
+    ("agrees", ">7"),
+    ("batch-1 ms", ">10"),
+    ("batch-64/s", ">10"),
+)
+
+
+def _table_row(cells) -> str:
+    return " ".join(
+        f"{cell:{align}}" for cell, (_, align) in zip(cells, TABLE_COLUMNS, strict=True)
+    )
+
+
 def models_table(summary: dict) -> list[str]:
-    """One line per exported model: file, size, runtime, accuracy, batch-1 / batch-64 speed."""
-    accuracy = summary.get("accuracy")
+    """One line per exported model: file, runtime, size, accuracy, batch-1 / batch-64 speed."""
+    accuracy = summary.get("accuracy") or {}
     speed = summary["speed"]
     latency = speed[f"latency_ms_batch_{LATENCY_BATCH_SIZE}"]
     throughput = speed[f"throughput_images_per_s_batch_{THROUGHPUT_BATCH_SIZE}"]
-    header = f"{'model':<20} {'runtime':<12} {'size':>9} {'test acc':>9} {'agrees':>7} "
-    header += f"{'batch-1 ms':>10} {'batch-64/s':>10}"
-    lines = [header]
-
-    def row(name, runtime, size, acc, agrees, ms, per_s, note=""):
-        cells = [
-            f"{name:<20}",
-            f"{runtime:<12}",
-            f"{size:>9}",
-            f"{acc:>9}",
-            f"{agrees:>7}",
-            f"{ms:>10}",
-            f"{per_s:>10}",
-        ]
-        return " ".join(cells) + note
-
     keras_acc = f"{100 * accuracy['keras']:.2f}%" if accuracy else "-"
-    lines.append(
-        row(
-            "Keras (in memory)",
-            "keras",
-            "",
-            keras_acc,
-            "",
-            f"{latency['keras']:.2f}",
-            f"{throughput['keras']:,.0f}",
-        )
-    )
+    lines = [
+        _table_row(heading for heading, _ in TABLE_COLUMNS),
+        _table_row(
+            ["Keras (in memory)", "keras", "", keras_acc, "", f"{latency['keras']:.2f}"]
+            + [f"{throughput['keras']:,.0f}"]
+        ),
+    ]
     for kind, path in summary["files"].items():
-        entry = (accuracy or {}).get("models", {}).get(kind, {})
-        note = ""
-        if entry.get("flagged"):
-            note = f"  <- {entry['drop_points']:.2f} points below Keras (flagged)"
-        lines.append(
-            row(
-                os.path.basename(path),
-                runtime_name(kind),
-                f"{summary['bytes'][kind] / 1024:,.0f} KiB",
-                f"{100 * entry['test_accuracy']:.2f}%" if entry else "-",
-                f"{100 * entry['agreement_with_keras']:.1f}%" if entry else "-",
-                f"{latency[kind]:.2f}" if kind in RUNTIME_FORMATS else "-",
-                f"{throughput[kind]:,.0f}" if kind in RUNTIME_FORMATS else "-",
-                note,
-            )
-        )
+        entry = accuracy.get("models", {}).get(kind)
+        timed = kind in RUNTIME_FORMATS
+        cells = [
+            os.path.basename(path),
+            RUNTIMES[kind],
+            f"{summary['bytes'][kind] / 1024:,.0f} KiB",
+            f"{100 * entry['test_accuracy']:.2f}%" if entry else "-",
+            f"{100 * entry['agreement_with_keras']:.1f}%" if entry else "-",
+            f"{latency[kind]:.2f}" if timed else "-",
+            f"{throughput[kind]:,.0f}" if timed else "-",
+        ]
+        flagged = entry and entry.get("flagged")
+        note = f"  <- {entry['drop_points']:.2f} points below Keras (flagged)" if flagged else ""
+        lines.append(_table_row(cells) + note)
     if accuracy:
         lines.append(
             f"(test accuracy and agreement with Keras' top-1 on {accuracy['images']} test images)"
@@ -339,7 +335,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def test_examples(data, count: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_test_examples(data, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` test images of a SearchData (normalised) and their labels.
 
     Drawn at random (fixed seed) when the split holds more: the split is in
@@ -363,7 +359,7 @@ def calibration_images(data, count: int) -> np.ndarray:
 
 def export_data(data, export: ExportConfig) -> dict:
     """The keyword arguments of `export_workdir` that come from the run's data."""
-    images, labels = test_examples(data, max(export.accuracy_images, PARITY_IMAGES))
+    images, labels = sample_test_examples(data, max(export.accuracy_images, PARITY_IMAGES))
     quantized = export.quantized
     return {
         "mean": data.mean,
