@@ -205,7 +205,9 @@ class ExportConfig:
     top-1 accuracy is measured on up to `accuracy_images` test images. An int8
     model more than `quantization_tolerance` points below the Keras model is
     kept but flagged. `tflite_int8_io`: model.int8.tflite takes and returns
-    int8 tensors instead of float32.
+    int8 tensors instead of float32. `fuse_nodes`: the files hold the fused
+    form of the compact model (each node's ops as a few wide layers; the same
+    function, several times fewer layers), or the form with a few layers per op.
     """
 
     formats: tuple[str, ...] = DEFAULT_EXPORT_FORMATS
@@ -213,6 +215,7 @@ class ExportConfig:
     accuracy_images: int = 1000
     quantization_tolerance: float = 2.0
     tflite_int8_io: bool = False
+    fuse_nodes: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "formats", tuple(self.formats))

@@ -84,6 +84,32 @@ def test_compact_model_keeps_parameters_zeros_and_flops_of_the_searched_network(
             assert np.all((gamma > 0) & (gamma < 1)) and np.ptp(gamma) == 0
 
 
+def test_fused_compact_model_is_the_same_function_in_fewer_layers(gray):
+    architecture, network, model = gray
+    fused = compact_model(network, fuse=True)
+    for layer in fused.layers:
+        assert type(layer).__module__.startswith(STANDARD_MODULES), type(layer)
+    # Every node of every cell is one 1x1 convolution over its ops' concatenated parts.
+    names = [layer.name for layer in fused.layers]
+    for index in range(len(network.search_space.cell_types)):
+        for node in (3, 4):
+            assert f"cell_{index}.node_{node}.conv" in names
+    assert len(fused.layers) < 0.75 * len(model.layers)
+    real = real_images(64, channels=1)
+    random = np.random.default_rng(1).normal(size=(8, 8, 8, 1)).astype("float32")
+    for x in (real, random):
+        difference = np.abs(_logits(fused, x) - _logits(network, x)).max()
+        assert difference <= 1e-5, difference
+
+    # The depthwise kernels are copied, not folded: the same non-zero entries (the
+    # pruned weights still zeros), only regrouped.
+    def depthwise_nonzero(m):
+        layers = [layer for layer in m.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+        return sum(int(np.count_nonzero(ops.convert_to_numpy(layer.kernel))) for layer in layers)
+
+    assert depthwise_nonzero(fused) == depthwise_nonzero(model) > 0
+
+
 def test_exported_files_match_keras_at_two_batch_sizes(exported_workdir):
     workdir, architecture, network, summary = exported_workdir
     export_dir = os.path.join(workdir, "export")
@@ -99,6 +125,9 @@ def test_exported_files_match_keras_at_two_batch_sizes(exported_workdir):
         assert size > 1000, key
     assert summary["parameters"]["dense"] == architecture["parameters"]["searched"]["dense"]
     assert summary["flops"] == architecture["flops"]["searched"]
+    graph = summary["graph"]
+    assert graph["fused"] and 0 < graph["layers"] < graph["unfused_layers"]
+    assert "Graph: fused" in format_summary(summary)
     speed = summary["speed"]
     for runtime in ("keras", "onnx"):
         assert speed["latency_ms_batch_1"][runtime] > 0

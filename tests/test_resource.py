@@ -13,7 +13,12 @@ from keras import ops
 
 from hmnas_keras.architecture.counting import flop_counts, parameter_counts
 from hmnas_keras.config import MaskConfig, RunConfig
-from hmnas_keras.export.compact import compact_model, compact_parameter_counts, kernel_macs
+from hmnas_keras.export.compact import (
+    CHANNEL_ALIGNMENT,
+    compact_model,
+    compact_parameter_counts,
+    kernel_macs,
+)
 from hmnas_keras.export.formats import export_onnx
 from hmnas_keras.pipeline.derive_phase import derive_architecture
 from hmnas_keras.pipeline.workdir import Workdir
@@ -183,8 +188,19 @@ def test_channel_masked_export_is_smaller_and_matches(tmp_path):
     expected = ops.convert_to_numpy(network(x, training=False))
     np.testing.assert_allclose(ops.convert_to_numpy(model(x)), expected, atol=1e-5)
     assert np.ptp(expected, axis=0).min() > 1e-3
+    # The fused form (what the export writes): the same function in fewer layers, with
+    # the pruned widths padded to onnxruntime's channel alignment by zero channels.
+    fused = compact_model(network, fuse=True)
+    assert len(fused.layers) < len(model.layers)
+    np.testing.assert_allclose(ops.convert_to_numpy(fused(x)), expected, atol=1e-5)
+    assert [layer for layer in fused.layers if layer.name.startswith("zeros_")]
+    for layer in fused.layers:
+        if ".node_" in layer.name and isinstance(layer, keras.layers.DepthwiseConv2D):
+            assert layer.input.shape[-1] % CHANNEL_ALIGNMENT == 0, layer.name
+        if layer.name.endswith((".conv", ".pw_1")) and layer.input.shape[-1] >= 16:
+            assert layer.input.shape[-1] % CHANNEL_ALIGNMENT == 0, layer.name
     path = str(tmp_path / "model.onnx")
-    export_onnx(model, path, {"format": "test"})
+    export_onnx(fused, path, {"format": "test"})
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": x})
     np.testing.assert_allclose(logits, expected, atol=1e-5)

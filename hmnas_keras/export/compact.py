@@ -35,6 +35,12 @@ from hmnas_keras.space.search_space import edge_index
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
+# The fused form pads the channels of its concatenations to a multiple of this:
+# onnxruntime's x86 NCHWc kernels take depthwise convolutions only over a
+# multiple of 4 channels, and other convolutions with 16 or more inputs only
+# then; anything else runs a generic kernel 2-5x slower (docs/BENCHMARKS.md).
+CHANNEL_ALIGNMENT = 4
+
 
 class _Builder:
     """Creates standard layers on KerasTensors and remembers the weights to copy into them."""
@@ -45,19 +51,24 @@ class _Builder:
         self._relu = {}
         self._pooled = {}
         self._producers = {}  # id(tensor) -> name of the layer that made it (node tensors)
+        self._zeros = {}
 
     def named(self, layer, x):
         """`layer(x)`, remembering that `layer` made the result (ReLU and pooling are named so)."""
         output = layer(x)
-        self._producers[id(output)] = layer.name
+        self.register(output, layer.name)
         return output
+
+    def register(self, output, name):
+        """Names the tensor `output` after `name` (for the ReLU and pooling that read it)."""
+        self._producers[id(output)] = name
 
     def relu(self, x):
         # One ReLU per tensor, named after the layer that made it: every op
         # reading the same node shares it.
         if id(x) not in self._relu:
             name = f"{self._producers[id(x)]}.relu"
-            self._relu[id(x)] = (x, keras.layers.ReLU(name=name)(x))
+            self._relu[id(x)] = (x, self.named(keras.layers.ReLU(name=name), x))
         return self._relu[id(x)][1]
 
     def pointwise(self, source, x, name):
@@ -129,8 +140,8 @@ class _Builder:
         x = self.pointwise(source.pointwise_2, x, f"{name}.pointwise_2")
         return self.batch_norm(source.bn_2, x, f"{name}.bn_2", scale)
 
-    def pool(self, source, x, name, scale):
-        # The pooling itself is shared by the edges leaving one node; each edge has its BN.
+    def pooled(self, source, x):
+        """`source`'s pooling of `x`, shared by the edges leaving one node."""
         key = (id(x), source.kind, source.stride)
         if key not in self._pooled:
             pool_class = {"max": keras.layers.MaxPooling2D, "avg": keras.layers.AveragePooling2D}
@@ -141,7 +152,69 @@ class _Builder:
                 name=f"{self._producers[id(x)]}.{source.kind}_pool_s{source.stride}",
             )
             self._pooled[key] = (x, pooled(x))
-        return self.batch_norm(source.bn, self._pooled[key][1], f"{name}.bn", scale)
+        return self._pooled[key][1]
+
+    def subsample(self, x):
+        """x[:, ::2, ::2], shared by the stride-2 dilated convolutions reading `x`."""
+        key = (id(x), "subsample")
+        if key not in self._pooled:
+            name = f"{self._producers[id(x)]}.subsample"
+            self._pooled[key] = (x, keras.layers.MaxPooling2D(1, strides=2, name=name)(x))
+        return self._pooled[key][1]
+
+    def pool(self, source, x, name, scale):
+        # Each edge has its own BN after the shared pooling.
+        return self.batch_norm(source.bn, self.pooled(source, x), f"{name}.bn", scale)
+
+    def concat(self, tensors, name):
+        """`tensors` concatenated on channels, followed by zero channels up to a multiple of
+        `CHANNEL_ALIGNMENT`; returns (tensor, number of zero channels added)."""
+        channels = sum(t.shape[-1] for t in tensors)
+        pad = -channels % CHANNEL_ALIGNMENT
+        if pad:
+            tensors = [*tensors, self.zeros(tensors[0], pad)]
+        if len(tensors) == 1:
+            return tensors[0], 0
+        return keras.layers.Concatenate(name=name)(tensors), pad
+
+    def zeros(self, like, channels):
+        """A tensor of `channels` zeros at the batch and spatial shape of `like`, made once
+        per shape (a 1x1 convolution with a zero kernel: standard layers only)."""
+        key = (tuple(like.shape[1:3]), channels)
+        if key not in self._zeros:
+            height, width = key[0]
+            layer = keras.layers.Conv2D(
+                channels, 1, use_bias=False, name=f"zeros_{height}x{width}x{channels}"
+            )
+            self.assignments.append((layer, [np.zeros((1, 1, like.shape[-1], channels), "f")]))
+            self._zeros[key] = (like, layer(like))
+        return self._zeros[key][1]
+
+    def stacked_depthwise(self, sources, x, name, pad=0):
+        """One depthwise convolution over `x`, the concatenated inputs of the `sources`
+        (depthwise layers of one kernel size, stride, dilation and padding) and `pad`
+        zero channels."""
+        first = sources[0]
+        layer = keras.layers.DepthwiseConv2D(
+            first.kernel_size,
+            strides=first.strides,
+            padding=first.padding,
+            dilation_rate=first.dilation_rate,
+            use_bias=False,
+            name=name,
+        )
+        kernels = [_numpy(source.kernel) for source in sources]
+        kernels.append(np.zeros((*kernels[0].shape[:2], pad, 1), "f"))
+        self.assignments.append((layer, [np.concatenate(kernels, axis=2)]))
+        return layer(x)
+
+    def conv_with_bias(self, kernel, bias, x, name):
+        """A 1x1 convolution with the given (inputs, outputs) matrix and bias."""
+        layer = keras.layers.Conv2D(kernel.shape[1], 1, use_bias=True, name=name)
+        self.assignments.append(
+            (layer, [kernel[None, None].astype("float32"), bias.astype("float32")])
+        )
+        return layer(x)
 
     def op(self, source, x, name, scale):
         """Candidate operation `source` (a layer of the searched network) scaled by `scale`."""
@@ -171,7 +244,104 @@ def _numpy(variable) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(variable))
 
 
-def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str):
+def _bn_affine(bn, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) with scale · bn(x) = a · x + b, per channel, for `bn` in inference (float64)."""
+    mean = _numpy(bn.moving_mean).astype("float64")
+    variance = _numpy(bn.moving_variance).astype("float64")
+    gamma = _numpy(bn.gamma).astype("float64") if bn.scale else 1.0
+    beta = _numpy(bn.beta).astype("float64") if bn.center else 0.0
+    a = gamma / np.sqrt(variance + bn.epsilon)
+    return scale * a, scale * (beta - a * mean)
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    rows, columns = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+    result = np.zeros((rows, columns))
+    r = c = 0
+    for block in blocks:
+        result[r : r + block.shape[0], c : c + block.shape[1]] = block
+        r, c = r + block.shape[0], c + block.shape[1]
+    return result
+
+
+def _group_key(layer, x) -> tuple:
+    """Ops whose depthwise convolutions can run as one: same kind, kernel, stride, input size."""
+    if isinstance(layer, SepConv):
+        return ("sep", layer.kernel_size, layer.stride, tuple(x.shape[1:3]))
+    rate = layer.depthwise.dilation_rate[0]
+    return ("dil", layer.kernel_size, rate, tuple(x.shape[1:3]))
+
+
+def _fused_node(builder: _Builder, terms: list, name: str):
+    """One node as a few wide layers instead of a few thin layers per op (the fused form).
+
+    `terms`: the node's surviving ops [(layer, input, name, scale)]. The
+    separable and dilated convolutions of one kernel size and stride run as one
+    depthwise convolution over their concatenated inputs (a separable one's
+    middle 1x1 convolutions as one block-diagonal convolution, its BN folded
+    in); the last 1x1 convolution of every op, its BN and the op's scale, the
+    pooled inputs with their BN, and the identities, are one 1x1 convolution
+    over the concatenation of all of them, since a sum of linear maps of parts
+    is one linear map of the whole. Factorized reduces are added as they are.
+    Exact: the same function, computed in fewer, wider layers.
+    """
+    groups, inputs, rows, biases, separate = {}, [], [], [], []
+    for layer, x, term_name, scale in terms:
+        if isinstance(layer, SepConv | DilConv):
+            x = builder.relu(x)
+            if isinstance(layer, DilConv) and layer.stride == 2:
+                x = builder.subsample(x)
+            groups.setdefault(_group_key(layer, x), []).append((layer, x, scale))
+        elif isinstance(layer, Pool):
+            a, b = _bn_affine(layer.bn, scale)
+            inputs.append(builder.pooled(layer, x))
+            rows.append(np.diag(a))
+            biases.append(b)
+        elif isinstance(layer, Identity):
+            inputs.append(x)
+            rows.append(scale * np.eye(x.shape[-1]))
+        else:
+            separate.append(builder.op(layer, x, term_name, scale))
+    for (kind, size, detail, _), members in groups.items():
+        group = f"{name}.{kind}_conv_{size}x{size}_{'s' if kind == 'sep' else 'd'}{detail}"
+        ops_ = [m for m, _, _ in members]
+        x, pad = builder.concat([x for _, x, _ in members], f"{group}.concat")
+        if kind == "sep":
+            x = builder.stacked_depthwise([m.depthwise_1 for m in ops_], x, f"{group}.dw_1", pad)
+            blocks, middle_biases = [np.zeros((pad, 0))], []
+            for member in ops_:
+                a, b = _bn_affine(member.bn_1)
+                blocks.insert(-1, _numpy(member.pointwise_1.kernel)[0, 0] * a)
+                middle_biases.append(b)
+            pad = -sum(block.shape[1] for block in blocks) % CHANNEL_ALIGNMENT
+            blocks[-1] = np.zeros((blocks[-1].shape[0], pad))
+            middle_biases.append(np.zeros(pad))
+            x = builder.conv_with_bias(
+                _block_diagonal(blocks), np.concatenate(middle_biases), x, f"{group}.pw_1"
+            )
+            x = keras.layers.ReLU(name=f"{group}.relu_2")(x)
+            x = builder.stacked_depthwise([m.depthwise_2 for m in ops_], x, f"{group}.dw_2", pad)
+            last = [(m.pointwise_2, m.bn_2, scale) for m, _, scale in members]
+        else:
+            x = builder.stacked_depthwise([m.depthwise for m in ops_], x, f"{group}.dw", pad)
+            last = [(m.pointwise, m.bn, scale) for m, _, scale in members]
+        inputs.append(x)
+        for pointwise, bn, scale in last:
+            a, b = _bn_affine(bn, scale)
+            rows.append(_numpy(pointwise.kernel)[0, 0] * a)
+            biases.append(b)
+        rows.append(np.zeros((pad, rows[-1].shape[1])))
+    if inputs:
+        x, pad = builder.concat(inputs, f"{name}.concat")
+        kernel = np.concatenate([*rows, np.zeros((pad, rows[0].shape[1]))])
+        bias = np.sum(biases, axis=0) if biases else np.zeros(kernel.shape[1])
+        separate.insert(0, builder.conv_with_bias(kernel, bias, x, f"{name}.conv"))
+    output = separate[0] if len(separate) == 1 else keras.layers.Add(name=name)(separate)
+    builder.register(output, name)
+    return output
+
+
+def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str, fuse: bool):
     nodes = {}
     if cell.preprocess_0 is not None:
         if isinstance(cell.preprocess_0, FactorizedReduce):
@@ -191,7 +361,11 @@ def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str
                 scale = float(edge_weights[index]) * float(op_weight)
                 layer = mixed_op.candidates.get(op_name) or cell.source_ops[source][op_name]
                 name = f"{prefix}.edge_{source}_{target}.{op_name}"
-                terms.append(builder.op(layer, nodes[source], name, scale))
+                terms.append((layer, nodes[source], name, scale))
+        if fuse:
+            nodes[target] = _fused_node(builder, terms, f"{prefix}.node_{target}")
+            continue
+        terms = [builder.op(*term) for term in terms]
         if len(terms) > 1:
             terms = [builder.named(keras.layers.Add(name=f"{prefix}.node_{target}"), terms)]
         nodes[target] = terms[0]
@@ -201,12 +375,19 @@ def _cell(builder: _Builder, cell, s0, s1, op_weights, edge_weights, prefix: str
     return builder.named(keras.layers.Concatenate(name=f"{prefix}.concat"), outputs)
 
 
-def compact_model(network, name: str = "compact") -> keras.Model:
+def compact_model(network, name: str = "compact", fuse: bool = False) -> keras.Model:
     """The plain Keras functional model equal to the built `network` (a SearchedNetwork).
 
     Returns a model with one input named "images" (normalised NHWC float32
     images) and one output, the logits, from the layer named "logits". Layers
     carrying a folded op/edge scale are listed in `model.folded_scales`.
+
+    `fuse=False`: a few layers per surviving op, named after it (the form that
+    is counted and inspected). `fuse=True`: each node's ops run as a few wide
+    layers (`_fused_node`): the same function in far fewer layers, which is
+    what runtimes are fast at on thin networks. Its 1x1 kernels hold some
+    structural zeros (block-diagonal and diagonal parts), so count parameters
+    and FLOPs on the unfused form.
     """
     builder = _Builder()
     images = keras.Input(tuple(network.image_shape), name=INPUT_NAME)
@@ -226,7 +407,7 @@ def compact_model(network, name: str = "compact") -> keras.Model:
             s0, s1 = s1, None
             continue
         op_weights, edge_weights = weights[cell_type]
-        s0, s1 = s1, _cell(builder, cell, s0, s1, op_weights, edge_weights, f"cell_{index}")
+        s0, s1 = s1, _cell(builder, cell, s0, s1, op_weights, edge_weights, f"cell_{index}", fuse)
     x = keras.layers.GlobalAveragePooling2D(name="global_pool")(s1)
     classifier = keras.layers.Dense(network.num_classes, name=OUTPUT_NAME)
     outputs = classifier(x)

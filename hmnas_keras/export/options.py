@@ -20,6 +20,7 @@ FLAG_FIELDS = {
     "accuracy_images": "accuracy_images",
     "quantization_tolerance": "quantization_tolerance",
     "tflite_int8_io": "tflite_int8_io",
+    "fuse_nodes": "fuse_nodes",
 }
 
 
@@ -50,6 +51,13 @@ def define_flags() -> None:
         "tflite_int8_io",
         defaults.tflite_int8_io,
         "model.int8.tflite takes and returns int8 tensors (default: float32 in and out).",
+    )
+    flags.DEFINE_bool(
+        "fuse_nodes",
+        defaults.fuse_nodes,
+        "The exported graph computes each node's ops as a few wide layers (the same function "
+        "in several times fewer layers, about 2x faster in onnxruntime at batch 1); "
+        "--nofuse_nodes keeps a few layers per op, named after it.",
     )
 
 

@@ -124,7 +124,8 @@ def _write_models(model, files, export: ExportConfig, metadata, calibration, log
     os.makedirs(files.directory, exist_ok=True)
     remove_leftovers(files.directory)
     paths = {kind: files.models[kind] for kind in export.formats}
-    log(f"Export: compact model of {len(model.layers)} layers; writing {files.directory}/")
+    form = "fused compact model" if export.fuse_nodes else "compact model"
+    log(f"Export: {form} of {len(model.layers)} layers; writing {files.directory}/")
     if "keras" in paths:
         export_keras(model, paths["keras"])
     if "saved_model" in paths:
@@ -196,7 +197,10 @@ def export_workdir(
     if export.quantized and calibration is None:
         raise ExportError("The int8 formats need calibration images (training images).")
     architecture, network = load_finetuned_network(workdir)
-    model = compact_model(network)
+    # The files hold the fused form; parameters and FLOPs are counted on the
+    # unfused one, whose kernels are the searched network's without structural zeros.
+    counted = compact_model(network)
+    model = compact_model(network, fuse=True) if export.fuse_nodes else counted
     files = workdir.export
     metadata = model_metadata(architecture, mean, std)
     images = np.asarray(images, "float32")
@@ -215,8 +219,14 @@ def export_workdir(
         "files": {kind: workdir.relative(path) for kind, path in paths.items()},
         "bytes": {kind: file_size(path) for kind, path in paths.items()},
         "onnx_opset": ONNX_OPSET,
-        "parameters": compact_parameter_counts(model),
-        "flops": kernel_macs(model),
+        "parameters": compact_parameter_counts(counted),
+        "flops": kernel_macs(counted),
+        "graph": {
+            "fused": export.fuse_nodes,
+            "layers": len(model.layers),
+            "unfused_layers": len(counted.layers),
+            "stored_weights": int(sum(np.prod(v.shape) for v in model.weights)),
+        },
         "searched_parameters": architecture.get("parameters", {}).get("searched"),
         "parity_max_abs_error": parity,
     }
@@ -310,6 +320,17 @@ def models_table(summary: dict) -> list[str]:
     return lines
 
 
+def _graph_line(summary: dict) -> list[str]:
+    graph = summary.get("graph")  # absent in runs exported before the fused form
+    if not graph or not graph["fused"]:
+        return []
+    return [
+        f"Graph: fused, {graph['layers']:,} layers ({graph['unfused_layers']:,} unfused); "
+        f"{graph['stored_weights']:,} stored weights and statistics, zeros of the "
+        "block-diagonal and diagonal 1x1 kernels included"
+    ]
+
+
 def format_summary(summary: dict) -> str:
     """A few lines for the console and report.txt."""
     parity = summary["parity_max_abs_error"]
@@ -324,6 +345,7 @@ def format_summary(summary: dict) -> str:
         f"{summary['flops']['macs'] / 1e6:.2f} MFLOPs "
         f"({summary['flops']['nonzero_macs'] / 1e6:.2f} over non-zero weights); {files} "
         f"(ONNX opset {summary['onnx_opset']})",
+        *_graph_line(summary),
         f"Parity (max |logit difference|): compact vs searched "
         f"{parity['compact_vs_searched']['real']:.2g}; vs Keras at batch "
         f"{'/'.join(str(b) for b in PARITY_BATCH_SIZES)}: "
