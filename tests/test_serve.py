@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -21,6 +22,7 @@ from conftest import EXPORT_CLASSES, real_images
 from PIL import Image
 
 from hmnas_keras.serving import Classifier, ServeError, find_images
+from hmnas_keras.serving.runtimes import ImageTooLarge
 
 # Runs `python -m hmnas_keras.serve ARGS` with TensorFlow, Keras and tf2onnx unimportable.
 WITHOUT_TENSORFLOW = """
@@ -123,6 +125,45 @@ def test_classifier_rejects_bad_inputs_with_clear_messages(exported_workdir, tmp
         Classifier(str(tmp_path / "junk.onnx"))
 
 
+def png_declaring(width, height):
+    """A PNG file that declares width x height pixels but holds no image data: what a
+    decompression bomb looks like to a decoder's header check."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_classifier_refuses_oversized_images_before_decoding(exported_workdir, image_folder):
+    classifier = Classifier(model_path(exported_workdir))
+    assert classifier.max_image_pixels == 1024 * 1024  # 4,096 x 8x8, raised to 1024^2
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):
+        classifier.decode(png_declaring(20000, 20000), "bomb.png")
+    with pytest.raises(ImageTooLarge, match="9000x9000 pixels, more than the 1,048,576"):
+        classifier.decode(png_declaring(9000, 9000), "big.png")
+    # A large JPEG is decoded at 1/8 size: 2048x2048 counts as 256x256.
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((2048, 2048, 3), 128, "uint8")).save(buffer, format="JPEG")
+    pixels, decoded = classifier.decode_counted(buffer.getvalue(), "large.jpg")
+    assert pixels.shape == (8, 8, 3) and decoded == 256 * 256
+    # Pixels must be 0..255 (any dtype); normalised inputs have their own check.
+    _, _, digits = image_folder
+    for bad in (np.full((8, 8, 3), 300.0), np.full((8, 8, 3), -1000), np.ones((8, 8, 3), bool)):
+        with pytest.raises(ServeError, match="0..255"):
+            classifier.predict(bad)
+    assert len(classifier.predict(digits.astype("float64"))) == len(digits)
+
+
 def run_cli(*args):
     return subprocess.run(
         serve_command(*args), capture_output=True, text=True, timeout=120, env=os.environ
@@ -149,10 +190,19 @@ def test_cli_predicts_a_folder_without_tensorflow(exported_workdir, image_folder
     assert lines[1].startswith(paths[0]) and EXPORT_CLASSES[expected[0]] + ": " in lines[1]
 
 
-def test_cli_reports_user_mistakes_without_a_traceback(exported_workdir, tmp_path):
+def test_cli_reports_user_mistakes_without_a_traceback(exported_workdir, tmp_path, image_folder):
     model = model_path(exported_workdir)
     bad = tmp_path / "bad.jpg"
     bad.write_text("not a jpeg")
+    # A decompression bomb is one file's error; the other files are still classified.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(20000, 20000))
+    good = image_folder[1][0]
+    result = run_cli(f"--model={model}", "--images", str(bomb), good, "--format=jsonl")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "decompression bomb" in rows[0]["error"] and rows[1]["predictions"]
+    assert "1 of 2 files could not be read" in result.stderr
     cases = [
         ([f"--model={tmp_path / 'none.onnx'}", "--images", str(bad)], "No model at"),
         ([f"--model={model}", "--images", str(tmp_path / "missing")], "No such file or folder"),
@@ -201,10 +251,10 @@ def multipart(files):
 
 
 @contextlib.contextmanager
-def http_server(model, *flags):
+def http_server(model, *flags, output=None, port=None):
     """`python -m hmnas_keras.serve --model=MODEL --port=...` (TensorFlow blocked): its URL,
-    once /health answers; stopped on exit."""
-    port = free_port()
+    once /health answers; stopped on exit, its console output appended to `output`."""
+    port = port or free_port()
     process = subprocess.Popen(
         serve_command(f"--model={model}", f"--port={port}", *flags),
         stdout=subprocess.PIPE,
@@ -228,12 +278,17 @@ def http_server(model, *flags):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if output is not None:
+            output.append(process.stdout.read())
 
 
 @pytest.fixture(scope="module")
 def server(exported_workdir):
     with http_server(
-        model_path(exported_workdir), "--max_images=3", "--max_request_bytes=20000"
+        model_path(exported_workdir),
+        "--max_images=3",
+        "--max_request_bytes=20000",
+        "--max_request_pixels=2000",
     ) as url:
         yield url
 
@@ -291,10 +346,43 @@ def test_http_bad_requests_get_4xx_and_the_server_keeps_serving(server, image_fo
         (json.dumps({"pixels": [[1, 2], [3]]}).encode(), "application/json", 400, "rectangular"),
         (b"{not json", "application/json", 400, "Malformed JSON"),
         (
-            json.dumps({"pixels": np.full((8, 8, 3), 1e39).tolist()}).encode(),
+            json.dumps({"inputs": np.full((8, 8, 3), 1e39).tolist()}).encode(),
             "application/json",
             400,
             "infinite",
+        ),
+        (
+            json.dumps({"pixels": np.full((8, 8, 3), 1e30).tolist()}).encode(),
+            "application/json",
+            400,
+            "0..255",
+        ),
+        (
+            json.dumps({"pixels": np.full((8, 8, 3), -1000).tolist()}).encode(),
+            "application/json",
+            400,
+            "0..255",
+        ),
+        (
+            json.dumps({"pixels": np.full((8, 8, 3), 300).tolist()}).encode(),
+            "application/json",
+            400,
+            "0..255",
+        ),
+        (
+            json.dumps({"pixels": np.ones((8, 8, 3), bool).tolist()}).encode(),
+            "application/json",
+            400,
+            "booleans",
+        ),
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400, "nested too deeply"),
+        (b'{"pixels": ' + b"[" * 4000 + b"]" * 4000 + b"}", "application/json", 400, "nested"),
+        (png_declaring(20000, 20000), "image/png", 413, "decompression bomb"),
+        (png_declaring(9000, 9000), "image/png", 413, "--max_image_pixels"),
+        (
+            *multipart([(f"{i}.png", png_bytes(np.zeros((30, 30, 3), "uint8"))) for i in range(3)]),
+            413,
+            "--max_request_pixels",
         ),
         (json.dumps({"images": []}).encode(), "application/json", 400, "exactly one of"),
         (b"x" * 30000, "image/png", 413, "limit"),
@@ -311,8 +399,47 @@ def test_http_bad_requests_get_4xx_and_the_server_keeps_serving(server, image_fo
     for body, content_type, status, message in cases:
         got, result = request(f"{server}/predict", body, content_type)
         assert got == status and message in result["error"], (content_type, got, result)
-    got, result = request(f"{server}/predict?top_k=zero", image, "image/png")
-    assert got == 400 and "top_k" in result["error"]
+    for top_k in ("zero", "²", "1" * 5000):
+        got, result = request(
+            f"{server}/predict?top_k={urllib.parse.quote(top_k)}", image, "image/png"
+        )
+        assert got == 400 and "top_k" in result["error"], (top_k, got, result)
     # Still serving.
     assert request(f"{server}/health")[0] == 200
     assert request(f"{server}/predict", image, "image/png")[0] == 200
+
+
+def test_http_timeouts_close_slow_clients_and_a_busy_port_is_one_line(exported_workdir):
+    model = model_path(exported_workdir)
+    output = []
+    with http_server(model, "--header_timeout=1", "--body_timeout=1", output=output) as url:
+        port = int(url.rsplit(":", 1)[1])
+        # Slowloris: 100 connections that never finish their headers are closed.
+        slow = []
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+            slow.append(sock)
+        assert request(f"{url}/health")[0] == 200  # still serving meanwhile
+        started = time.monotonic()
+        assert all(sock.recv(100) == b"" for sock in slow)  # closed by the server
+        assert time.monotonic() - started < 8
+        # A body that never arrives: 408 after --body_timeout.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 1000\r\n\r\nabc"
+            )
+            assert sock.recv(1000).startswith(b"HTTP/1.1 408")
+        # A client that leaves mid-body.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+        # A second server on the same port: one line, before anything says "Serving".
+        busy = run_cli(f"--model={model}", f"--port={port}")
+        assert busy.returncode == 1
+        assert busy.stderr.strip().startswith(f"Error: Cannot serve on 127.0.0.1:{port}")
+        assert "Serving" not in busy.stdout and "Traceback" not in busy.stderr
+        for sock in slow:
+            sock.close()
+        assert request(f"{url}/health")[0] == 200
+    assert "Traceback" not in output[0] and "Serving" in output[0], output[0]

@@ -16,9 +16,15 @@ import os
 import numpy as np
 
 from hmnas_keras.serving.metadata import METADATA_FORMAT, METADATA_KEY
-from hmnas_keras.serving.runtimes import ServeError, open_model
+from hmnas_keras.serving.runtimes import ImageTooLarge, ServeError, open_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def default_max_image_pixels(height: int, width: int) -> int:
+    """The default bound on an image's decoded pixels: 4,096 times the model's input
+    (2,048² for a 32x32 model), at least 1,024² and at most 8,192²."""
+    return int(min(max(4096 * height * width, 1024 * 1024), 8192 * 8192))
 
 
 class Classifier:
@@ -30,9 +36,13 @@ class Classifier:
             `model.int8.tflite` (the LiteRT interpreter, the `tflite` extra).
         threads: the runtime's intra-op threads (0: onnxruntime's default, or
             every core for LiteRT).
+        max_image_pixels: the most pixels an image file may decode to (after
+            JPEG's reduced-size decoding); larger ones raise ImageTooLarge
+            (HTTP 413) before they are decoded. Default (None):
+            `default_max_image_pixels` of the model's input size.
     """
 
-    def __init__(self, model_path: str, threads: int = 0):
+    def __init__(self, model_path: str, threads: int = 0, max_image_pixels: int | None = None):
         if not os.path.isfile(model_path):
             raise ServeError(
                 f"No model at {model_path}. Pass the model.onnx (or .int8.onnx, .tflite, "
@@ -57,6 +67,9 @@ class Classifier:
         self.scale = np.float32(preprocessing["scale"])
         self.mean = np.asarray(preprocessing["mean"], "float32")
         self.std = np.asarray(preprocessing["std"], "float32")
+        self.max_image_pixels = max_image_pixels or default_max_image_pixels(
+            self.height, self.width
+        )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -66,22 +79,47 @@ class Classifier:
 
     def decode(self, data: bytes, name: str = "image") -> np.ndarray:
         """Image file bytes -> uint8 [H, W, C] in the model's size and colour mode."""
+        return self.decode_counted(data, name)[0]
+
+    def decode_counted(self, data: bytes, name: str = "image", limit: int | None = None):
+        """(uint8 [H, W, C], pixels decoded) of image file bytes.
+
+        Raises ImageTooLarge, before decoding, for an image of more than
+        `limit` (default `max_image_pixels`) pixels; a JPEG is first decoded
+        at the smallest reduced size (1/2, 1/4, 1/8) still as large as the
+        model's input.
+        """
         from PIL import Image, UnidentifiedImageError
 
+        limit = self.max_image_pixels if limit is None else limit
+        mode = "RGB" if self.channels == 3 else "L"
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("RGB" if self.channels == 3 else "L")
+                image.draft(mode, (self.width, self.height))  # JPEG only; others unchanged
+                pixels = image.size[0] * image.size[1]
+                if pixels > limit:
+                    raise ImageTooLarge(
+                        f"{name} is {image.size[0]}x{image.size[1]} pixels, more than the "
+                        f"{limit:,} this server decodes per image (--max_image_pixels): "
+                        f"send it smaller (the model reads {self.width}x{self.height}).",
+                        pixels,
+                    )
+                image = image.convert(mode)
                 if image.size != (self.width, self.height):
                     image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype="uint8")
+                result = np.asarray(image, dtype="uint8")
         except UnidentifiedImageError:
             raise ServeError(
                 f"Cannot decode {name}: not an image file Pillow recognises (JPEG, PNG, BMP, "
                 "GIF, WebP, TIFF)."
             ) from None
-        except (OSError, ValueError) as error:
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(f"{name} is refused as a decompression bomb: {error}") from None
+        except (OSError, ValueError, SyntaxError) as error:
+            if isinstance(error, ServeError):
+                raise
             raise ServeError(f"Cannot decode {name} as an image: {error}.") from None
-        return pixels.reshape(self.image_shape)
+        return result.reshape(self.image_shape), pixels
 
     def load_image(self, path: str) -> np.ndarray:
         try:
@@ -115,8 +153,17 @@ class Classifier:
 
     def normalize(self, pixels) -> np.ndarray:
         """uint8-range pixels [N, H, W, C] (0..255) -> the model's input."""
-        pixels = self.check_batch(pixels, "pixels").astype("float32")
-        return (pixels * self.scale - self.mean) / self.std
+        pixels = self.check_batch(pixels, "pixels")
+        if pixels.dtype == bool:
+            raise ServeError("pixels must be numbers 0..255; received booleans.")
+        if pixels.dtype != np.uint8 and pixels.size:
+            low, high = np.min(pixels), np.max(pixels)
+            if not (low >= 0 and high <= 255):  # also refuses NaN
+                raise ServeError(
+                    f"pixels must be 0..255; received values from {low:g} to {high:g} "
+                    '(send normalised values as "inputs" instead).'
+                )
+        return (pixels.astype("float32") * self.scale - self.mean) / self.std
 
     # Prediction.
 

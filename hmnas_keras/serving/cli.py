@@ -72,11 +72,52 @@ def parse_args(argv):
         default=16 * 1024 * 1024,
         help="Largest HTTP request body accepted.",
     )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=0,
+        help="Most pixels an image file may decode to (0: 4,096 times the model's input, "
+        "at least 1024x1024, at most 8192x8192); larger ones are refused before decoding "
+        "(HTTP 413, or a per-file error).",
+    )
+    parser.add_argument(
+        "--max_request_pixels",
+        type=int,
+        default=0,
+        help="Most decoded pixels of all the images of one HTTP request (0: 4x "
+        "--max_image_pixels).",
+    )
+    parser.add_argument(
+        "--header_timeout",
+        type=float,
+        default=10.0,
+        help="Seconds a connection may take to send complete request headers before it is closed.",
+    )
+    parser.add_argument(
+        "--body_timeout",
+        type=float,
+        default=30.0,
+        help="Seconds a request body may take to arrive (then HTTP 408).",
+    )
+    parser.add_argument(
+        "--max_connections",
+        type=int,
+        default=2048,
+        help="Open connections beyond which new requests get HTTP 503.",
+    )
     args = parser.parse_args(argv)
     args.images += args.more_images
-    for name in ("batch_size", "top_k", "max_images", "max_request_bytes"):
+    for name in ("batch_size", "top_k", "max_images", "max_request_bytes", "max_connections"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; received {getattr(args, name)}.")
+    for name in ("max_image_pixels", "max_request_pixels"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 (automatic) or more; received {getattr(args, name)}.")
+    for name in ("header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(
+                f"--{name} must be a positive number of seconds; received {getattr(args, name)}."
+            )
     if args.port is None and not args.images:
         parser.error("give --images PATH... to classify files, or --port=N to serve over HTTP.")
     return args
@@ -85,24 +126,30 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        classifier = Classifier(args.model, threads=args.threads)
+        classifier = Classifier(
+            args.model, threads=args.threads, max_image_pixels=args.max_image_pixels or None
+        )
         if args.port is not None:
             try:
-                from hmnas_keras.serving.http_server import serve_forever
+                from hmnas_keras.serving.http_server import ServerSettings, serve_forever
             except ImportError as error:
                 raise ServeError(
-                    f"The HTTP server needs the http extra ({error.name} is missing): "
-                    'pip install ".[http]" (starlette, uvicorn, python-multipart).'
+                    f"The HTTP server needs the http extra ({error.name} is missing): in a "
+                    'checkout, pip install -e ".[cpu,http]" (keeps the editable install); '
+                    "elsewhere pip install starlette==1.10.0 uvicorn==0.54.0 "
+                    "python-multipart==0.0.34."
                 ) from None
 
-            serve_forever(
-                classifier,
-                host=args.host,
-                port=args.port,
+            settings = ServerSettings(
                 max_images=args.max_images,
                 max_request_bytes=args.max_request_bytes,
+                max_request_pixels=args.max_request_pixels or None,
                 batch_size=args.batch_size,
+                header_timeout=args.header_timeout,
+                body_timeout=args.body_timeout,
+                max_connections=args.max_connections,
             )
+            serve_forever(classifier, host=args.host, port=args.port, settings=settings)
             return 0
         paths = find_images(args.images)
         if not paths:

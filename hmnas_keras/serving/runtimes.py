@@ -21,7 +21,26 @@ TFLITE_SIGNATURE = "serving_default"
 
 
 class ServeError(ValueError):
-    """A model, image or request that cannot be served; the message says what to fix."""
+    """A model, image or request that cannot be served; the message says what to fix.
+
+    `status`: the HTTP status the server answers it with (400, or 413 for an image
+    too large to decode).
+    """
+
+    status = 400
+
+
+class ImageTooLarge(ServeError):
+    """An image (or a request's images) with more pixels than the server decodes.
+
+    `pixels`: what the image declares (None for a decompression bomb Pillow refused).
+    """
+
+    status = 413
+
+    def __init__(self, message: str, pixels: int | None = None):
+        super().__init__(message)
+        self.pixels = pixels
 
 
 def _threads(threads: int) -> int:
