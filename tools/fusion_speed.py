@@ -6,8 +6,8 @@ For each fine-tuned workdir: builds both forms of its compact model
 (`compact_model(network)` and `compact_model(network, fuse=True)`), checks
 each against the searched network on random inputs, writes both as ONNX to a
 temporary folder and times all of them back to back with
-`tools/onnx_speed.py`'s `measure` (models take turns within every round;
-medians). Prints layers, ONNX nodes, the parity error, batch-1 latency and
+`hmnas_keras.serving.timing.measure`, as tools/onnx_speed.py does (models take
+turns within every round; medians). Prints layers, ONNX nodes, the parity error, batch-1 latency and
 batch-64 throughput of each, and the fused/unfused ratios. Measure on an idle
 machine.
 """
@@ -17,7 +17,9 @@ import sys
 import tempfile
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
+
+from hmnas_keras import quiet_logs  # noqa: F401  (first: before TensorFlow loads)
 
 flags.DEFINE_list("workdirs", None, "Fine-tuned run directories.")
 flags.DEFINE_integer("rounds", 5, "Rounds; each times every model once.", lower_bound=1)
@@ -64,10 +66,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdirs:
         raise app.UsageError("--workdirs is required: fine-tuned run directories.")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from onnx_speed import measure
-
+    logging.set_verbosity(logging.WARNING)  # tf2onnx logs every conversion step at INFO
     from hmnas_keras.export.formats import ExportError
+    from hmnas_keras.serving.timing import measure
 
     with tempfile.TemporaryDirectory() as folder:
         rows = []

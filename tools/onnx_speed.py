@@ -14,12 +14,11 @@ Needs onnxruntime and numpy only (no TensorFlow).
 import glob
 import json
 import os
-import statistics
 import sys
-import time
 
-import numpy as np
 from absl import app, flags
+
+from hmnas_keras.serving.timing import measure
 
 flags.DEFINE_list(
     "workdirs", None, "Exported run directories (globs allowed); the first is the reference."
@@ -29,59 +28,6 @@ flags.DEFINE_integer("latency_calls", 20, "Batch-1 calls per model and round.", 
 flags.DEFINE_integer("throughput_calls", 3, "Batch-64 calls per model and round.", lower_bound=1)
 flags.DEFINE_string("json", None, "Also write the figures as JSON to this file.")
 FLAGS = flags.FLAGS
-
-THROUGHPUT_BATCH = 64
-
-
-def _session(path: str):
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (model_input,) = session.get_inputs()
-    shape = [int(d) for d in model_input.shape[1:]]
-    return session, model_input.name, shape
-
-
-def _seconds_per_call(session, name: str, batch: np.ndarray, calls: int) -> float:
-    session.run(None, {name: batch})  # warm-up
-    started = time.perf_counter()
-    for _ in range(calls):
-        session.run(None, {name: batch})
-    return (time.perf_counter() - started) / calls
-
-
-def measure(paths: list[str], rounds: int, latency_calls: int, throughput_calls: int) -> list:
-    """Per model: median batch-1 latency (ms) and batch-64 throughput (images/s)."""
-    rng = np.random.default_rng(0)
-    models = []
-    for path in paths:
-        session, name, shape = _session(path)
-        models.append(
-            {
-                "path": path,
-                "session": session,
-                "name": name,
-                "single": rng.normal(size=(1, *shape)).astype("float32"),
-                "batch": rng.normal(size=(THROUGHPUT_BATCH, *shape)).astype("float32"),
-                "latency": [],
-                "throughput": [],
-            }
-        )
-    for _ in range(rounds):
-        for model in models:
-            args = (model["session"], model["name"])
-            model["latency"].append(_seconds_per_call(*args, model["single"], latency_calls))
-            model["throughput"].append(_seconds_per_call(*args, model["batch"], throughput_calls))
-    return [
-        {
-            "model": model["path"],
-            "latency_ms_batch_1": round(1e3 * statistics.median(model["latency"]), 3),
-            "throughput_images_per_s_batch_64": round(
-                THROUGHPUT_BATCH / statistics.median(model["throughput"]), 1
-            ),
-        }
-        for model in models
-    ]
 
 
 def main(argv):

@@ -154,14 +154,6 @@ class _Builder:
             self._pooled[key] = (x, pooled(x))
         return self._pooled[key][1]
 
-    def subsample(self, x):
-        """x[:, ::2, ::2], shared by the stride-2 dilated convolutions reading `x`."""
-        key = (id(x), "subsample")
-        if key not in self._pooled:
-            name = f"{self._producers[id(x)]}.subsample"
-            self._pooled[key] = (x, keras.layers.MaxPooling2D(1, strides=2, name=name)(x))
-        return self._pooled[key][1]
-
     def pool(self, source, x, name, scale):
         # Each edge has its own BN after the shared pooling.
         return self.batch_norm(source.bn, self.pooled(source, x), f"{name}.bn", scale)
@@ -268,8 +260,7 @@ def _group_key(layer, x) -> tuple:
     """Ops whose depthwise convolutions can run as one: same kind, kernel, stride, input size."""
     if isinstance(layer, SepConv):
         return ("sep", layer.kernel_size, layer.stride, tuple(x.shape[1:3]))
-    rate = layer.depthwise.dilation_rate[0]
-    return ("dil", layer.kernel_size, rate, tuple(x.shape[1:3]))
+    return ("dil", layer.kernel_size, layer.stride, tuple(x.shape[1:3]))
 
 
 def _fused_node(builder: _Builder, terms: list, name: str):
@@ -289,8 +280,6 @@ def _fused_node(builder: _Builder, terms: list, name: str):
     for layer, x, term_name, scale in terms:
         if isinstance(layer, SepConv | DilConv):
             x = builder.relu(x)
-            if isinstance(layer, DilConv) and layer.stride == 2:
-                x = builder.subsample(x)
             groups.setdefault(_group_key(layer, x), []).append((layer, x, scale))
         elif isinstance(layer, Pool):
             a, b = _bn_affine(layer.bn, scale)
@@ -303,7 +292,7 @@ def _fused_node(builder: _Builder, terms: list, name: str):
         else:
             separate.append(builder.op(layer, x, term_name, scale))
     for (kind, size, detail, _), members in groups.items():
-        group = f"{name}.{kind}_conv_{size}x{size}_{'s' if kind == 'sep' else 'd'}{detail}"
+        group = f"{name}.{kind}_conv_{size}x{size}_s{detail}"
         ops_ = [m for m, _, _ in members]
         x, pad = builder.concat([x for _, x, _ in members], f"{group}.concat")
         if kind == "sep":
@@ -323,6 +312,8 @@ def _fused_node(builder: _Builder, terms: list, name: str):
             x = builder.stacked_depthwise([m.depthwise_2 for m in ops_], x, f"{group}.dw_2", pad)
             last = [(m.pointwise_2, m.bn_2, scale) for m, _, scale in members]
         else:
+            if detail == 2:  # x[:, ::2, ::2] of all members at once (see DilConv)
+                x = keras.layers.MaxPooling2D(1, strides=2, name=f"{group}.subsample")(x)
             x = builder.stacked_depthwise([m.depthwise for m in ops_], x, f"{group}.dw", pad)
             last = [(m.pointwise, m.bn, scale) for m, _, scale in members]
         inputs.append(x)

@@ -119,8 +119,16 @@ def _check_calibration_count(count: int, training_images: int) -> None:
         )
 
 
-def _write_models(model, files, export: ExportConfig, metadata, calibration, log) -> dict:
-    """Writes the chosen formats; returns {format: path}."""
+def _write_models(
+    model, files, export: ExportConfig, metadata, calibration, log, tflite_model=None
+) -> dict:
+    """Writes the chosen formats; returns {format: path}.
+
+    `tflite_model` (default `model`) is what the TFLite files hold: the unfused
+    form, since TensorFlow's int8 quantizer leaves some of the fused form's
+    depthwise convolutions in float.
+    """
+    tflite_model = tflite_model or model
     os.makedirs(files.directory, exist_ok=True)
     remove_leftovers(files.directory)
     paths = {kind: files.models[kind] for kind in export.formats}
@@ -134,7 +142,7 @@ def _write_models(model, files, export: ExportConfig, metadata, calibration, log
     if "onnx" in paths or "onnx_int8" in paths:
         export_onnx(model, float_onnx, metadata)
     if "tflite" in paths:
-        export_tflite(model, paths["tflite"], metadata)
+        export_tflite(tflite_model, paths["tflite"], metadata)
     if "onnx_int8" in paths:
         log(f"Export: int8 ONNX, calibrated on {len(calibration)} training images")
         export_onnx_int8(float_onnx, paths["onnx_int8"], metadata, calibration)
@@ -143,7 +151,7 @@ def _write_models(model, files, export: ExportConfig, metadata, calibration, log
     if "tflite_int8" in paths:
         log(f"Export: int8 TFLite, calibrated on {len(calibration)} training images")
         export_tflite_int8(
-            model, paths["tflite_int8"], metadata, calibration, export.tflite_int8_io
+            tflite_model, paths["tflite_int8"], metadata, calibration, export.tflite_int8_io
         )
     write_json(files.metadata, metadata)
     return paths
@@ -204,7 +212,7 @@ def export_workdir(
     files = workdir.export
     metadata = model_metadata(architecture, mean, std)
     images = np.asarray(images, "float32")
-    paths = _write_models(model, files, export, metadata, calibration, log)
+    paths = _write_models(model, files, export, metadata, calibration, log, counted)
     loaded = {kind: load_exported(kind, path) for kind, path in paths.items()}
     parity = parity_errors(network, model, loaded, images[:PARITY_IMAGES])
     compaction_error = parity["compact_vs_searched"]["real"]
