@@ -377,6 +377,7 @@ def test_http_bad_requests_get_4xx_and_the_server_keeps_serving(server, image_fo
         ),
         (b"[" * 5000 + b"]" * 5000, "application/json", 400, "nested too deeply"),
         (b'{"pixels": ' + b"[" * 4000 + b"]" * 4000 + b"}", "application/json", 400, "nested"),
+        (b'{"pixels": [' + b"0, " * 6300 + b"0]}", "application/json", 413, "need at most"),
         (png_declaring(20000, 20000), "image/png", 413, "decompression bomb"),
         (png_declaring(9000, 9000), "image/png", 413, "--max_image_pixels"),
         (

@@ -34,6 +34,7 @@ import json
 import re
 import socket
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -45,6 +46,8 @@ from hmnas_keras.serving.classifier import Classifier, ServeError
 from hmnas_keras.serving.runtimes import ImageTooLarge
 
 TOP_K = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit accepts "²"
+# The longest a number of a JSON image may reasonably be written ("-0.12345678901234567, ").
+JSON_BYTES_PER_VALUE = 24
 
 
 class RequestError(Exception):
@@ -175,6 +178,16 @@ class _Handlers:
 
     def json_inputs(self, body: bytes):
         """(array, normalized) of a JSON body {"pixels": ...} or {"inputs": ...}."""
+        # Parsing holds the GIL (and the event loop with it) for as long as it takes:
+        # refuse a body larger than --max_images images of the model could need.
+        limit = self.max_images * int(np.prod(self.classifier.image_shape)) * JSON_BYTES_PER_VALUE
+        limit += 4096
+        if len(body) > limit:
+            raise RequestError(
+                413,
+                f"The JSON body has {len(body):,} bytes; {self.max_images} images of "
+                f"{'x'.join(map(str, self.classifier.image_shape))} need at most {limit:,}.",
+            )
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -310,7 +323,9 @@ def _protocol(header_timeout: float):
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port and listening; ServeError (one line) if it cannot be."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only for
+    # sockets that say so, and without it Nagle's algorithm delays every response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
