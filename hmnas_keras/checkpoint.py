@@ -9,8 +9,11 @@ shape; nothing is silently skipped (unlike `tf.train.Checkpoint`, which misses
 variables held in plain Python lists).
 """
 
+import contextlib
 import json
 import os
+import zipfile
+import zlib
 
 import numpy as np
 from keras import ops
@@ -47,9 +50,40 @@ def save_checkpoint(path: str, variables: list, state: dict, require_finite: boo
     os.replace(tmp_path, path)
 
 
+@contextlib.contextmanager
+def checkpoint_reading(path: str):
+    """Turns what a damaged file raises while it is read into one CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"No checkpoint at {path}.") from None
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as error:
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            reason = "it is empty (0 bytes)"
+        elif "pickle" in str(error):  # numpy's guess for any file that is not an .npz
+            reason = "it is not an .npz archive"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        raise CheckpointError(
+            f"Checkpoint {path} is damaged or not a checkpoint ({reason}). If it is this "
+            "run's own, delete it: --resume then runs its phase again from the previous "
+            "phase's result. If it came from --supernet_checkpoint, give an intact "
+            "supernet/checkpoint.npz."
+        ) from None
+
+
 def read_state(path: str) -> dict:
     """The JSON state stored in a checkpoint."""
-    with np.load(path) as archive:
+    with checkpoint_reading(path), np.load(path) as archive:
         return json.loads(str(archive["__state__"]))
 
 
@@ -61,7 +95,7 @@ def restore_checkpoint(path: str, variables: list) -> dict:
     """
     if not os.path.exists(path):
         raise CheckpointError(f"No checkpoint at {path}.")
-    with np.load(path) as archive:
+    with checkpoint_reading(path), np.load(path) as archive:
         paths = json.loads(str(archive["__paths__"]))
         expected = [v.path for v in variables]
         if paths != expected:
@@ -94,7 +128,7 @@ def read_model_arrays(path: str, model_name: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"No checkpoint at {path}.")
     prefix = f"{model_name}/"
-    with np.load(path) as archive:
+    with checkpoint_reading(path), np.load(path) as archive:
         paths = json.loads(str(archive["__paths__"]))
         return {
             relative_path(p): archive[f"v{i:05d}"]

@@ -6,6 +6,7 @@ tool can read a run's `config.json` cheaply.
 """
 
 import dataclasses
+import math
 
 from hmnas_keras.architecture.derivation import DERIVATIONS
 from hmnas_keras.space.search_space import SearchSpace
@@ -30,6 +31,26 @@ class DataError(ValueError):
     """A dataset could not be loaded; the message says what is wrong and how to fix it."""
 
 
+# Datasets of digits and letters, where a mirrored image is another symbol: the
+# random horizontal flip is off by default for them (--flip).
+UNFLIPPED_DATASETS = ("digits", "mnist", "emnist", "kmnist", "svhn_cropped")
+
+
+def _check_learning_rates(prefix: str, rate: float, rate_min: float) -> None:
+    """A cosine schedule from `rate` down to `rate_min` (flags --{prefix}learning_rate[_min])."""
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(
+            f"Received an invalid --{prefix}learning_rate, expected a positive number. "
+            f"Received: {rate}"
+        )
+    if not (math.isfinite(rate_min) and 0 <= rate_min <= rate):
+        raise ValueError(
+            f"Received an invalid --{prefix}learning_rate_min, expected a number from 0 to "
+            f"--{prefix}learning_rate ({rate:g}): the cosine schedule decays towards it. "
+            f"Received: {rate_min}"
+        )
+
+
 def _check_epochs(section: str, epochs: int) -> None:
     if epochs < 1:
         raise ValueError(
@@ -51,10 +72,14 @@ class DataConfig:
     test_subset: int | None = None
     batch_size: int = 64
     augment: bool = True
+    # Random horizontal flip when augmenting; None: off for UNFLIPPED_DATASETS, else on.
+    flip: bool | None = None
     crop_padding: int = 4
     cutout_size: int = 0
 
     def __post_init__(self):
+        if self.flip is None:
+            object.__setattr__(self, "flip", self.dataset not in UNFLIPPED_DATASETS)
         if not 0.0 < self.arch_fraction < 1.0:
             raise DataError(
                 "Received an invalid arch_fraction, expected a fraction strictly between 0 and 1. "
@@ -92,6 +117,7 @@ class SupernetConfig:
 
     def __post_init__(self):
         _check_epochs("supernet", self.epochs)
+        _check_learning_rates("", self.learning_rate, self.learning_rate_min)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
                 "Received an invalid warmup_epochs, expected an integer in [0, epochs]. "
@@ -146,7 +172,24 @@ class MaskConfig:
                     f"Received an unknown --{name}, expected one of {', '.join(known)}. "
                     f"Received: {value!r}"
                 )
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(
+                "Received an invalid --mask_threshold, expected a positive number (a mask is "
+                f"kept where its real value is at least the threshold). Received: {self.threshold}"
+            )
+        if not (math.isfinite(self.initial_value) and self.initial_value > 0):
+            raise ValueError(
+                "Received an invalid --mask_initial_value, expected a positive number (above "
+                f"--mask_threshold, {self.threshold:g}, to start with everything kept). "
+                f"Received: {self.initial_value}"
+            )
         self._check_target()
+        if self.target != "none" and 2 * self.initial_value < self.threshold:
+            raise ValueError(
+                f"--mask_target keeps the real-valued masks in [0, 2 x --mask_initial_value] = "
+                f"[0, {2 * self.initial_value:g}], below --mask_threshold ({self.threshold:g}): "
+                "no mask could ever be kept. Raise --mask_initial_value above the threshold."
+            )
 
     def _check_target(self) -> None:
         given = [n for n in ("target_ratio", "target_value") if getattr(self, n) is not None]
@@ -194,6 +237,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         _check_epochs("finetune", self.epochs)
+        _check_learning_rates("finetune_", self.learning_rate, self.learning_rate_min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +295,8 @@ class RunConfig:
     from the supernet's weights or from scratch; `architecture` an existing
     architecture.json to train instead of deriving one; `supernet_checkpoint`
     a trained supernet from another run for runs without the supernet phase.
+    `deterministic`: TensorFlow's op determinism on top of the seeds, so that a
+    run (and a killed, resumed one) gives bitwise the same result.
     """
 
     data: DataConfig = DataConfig()
@@ -266,6 +312,7 @@ class RunConfig:
     supernet_checkpoint: str | None = None
     seed: int = 0
     strategy: str = "default"
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.derivation not in DERIVATIONS:
@@ -305,7 +352,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         return cls(
-            data=DataConfig(**values["data"]),
+            # Runs written before --flip existed flipped whenever they augmented.
+            data=DataConfig(**{"flip": True, **values["data"]}),
             search_space=SearchSpace.from_dict(values["search_space"]),
             supernet=SupernetConfig(**values["supernet"]),
             # Runs written before --mask_lr_schedule existed used the rates as given.
@@ -320,4 +368,5 @@ class RunConfig:
             supernet_checkpoint=values["supernet_checkpoint"],
             seed=values["seed"],
             strategy=values["strategy"],
+            deterministic=values.get("deterministic", False),
         )

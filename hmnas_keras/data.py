@@ -13,6 +13,7 @@ resumed at any step sees exactly the batches an uninterrupted run would have.
 
 import dataclasses
 import os
+import re
 import socket
 
 import numpy as np
@@ -68,11 +69,18 @@ def _decode_files(paths: list[str]) -> list[np.ndarray]:
         return list(dataset.as_numpy_iterator())
     except tf.errors.OpError:
         for path in paths:
+            if os.path.getsize(path) == 0:
+                raise DataError(
+                    f"Cannot read image file {path}: it is empty (0 bytes). Remove or replace "
+                    "the file."
+                ) from None
             try:
                 tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
             except tf.errors.OpError as error:
+                # TensorFlow's messages carry "{{function_node ...}}" internals: drop them.
+                reason = re.sub(r"\{\{[^}]*\}\}\s*", "", error.message).strip()
                 raise DataError(
-                    f"Cannot read image file {path}: {error.message.strip()}. "
+                    f"Cannot read image file {path}: {reason}. "
                     "Remove or replace the file (JPEG and PNG are supported)."
                 ) from None
         raise
@@ -383,6 +391,7 @@ class _BatchSource:
         self.seed = data.seed
         self.stream = stream
         self.padding = data.config.crop_padding
+        self.flip = data.config.flip
         self.cutout_size = data.config.cutout_size if cutout else 0
         self.mean = tf.constant(data.mean, tf.float32)
         self.std = tf.constant(data.std, tf.float32)
@@ -404,7 +413,7 @@ class _BatchSource:
         return (images - self.mean) / self.std, labels
 
     def _augment(self, images, seed):
-        """Random crop with zero padding and random horizontal flip, per image."""
+        """Random crop with zero padding and (config.flip) random horizontal flip, per image."""
         batch = self.batch_size
         height, width = images.shape[1], images.shape[2]
         seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -421,8 +430,9 @@ class _BatchSource:
             cols = offsets[:, 1:] + tf.range(width)[None, :]
             images = tf.gather(padded, rows, axis=1, batch_dims=1)
             images = tf.gather(images, cols, axis=2, batch_dims=1)
-        flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1]) < 0.5
-        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+        if self.flip:
+            flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1]) < 0.5
+            images = tf.where(flip, tf.reverse(images, axis=[2]), images)
         if self.cutout_size:
             centres = tf.random.stateless_uniform([batch, 2], seeds[2], 0, 1) * [height, width]
             half = self.cutout_size / 2

@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
+from hmnas_keras import quiet_logs  # noqa: F401  (first: before TensorFlow loads)
 from hmnas_keras.architecture.derivation import DERIVATIONS
 from hmnas_keras.config import (
     FINETUNE_INITS,
@@ -75,6 +76,13 @@ flags.DEFINE_string(
     "the supernet phase.",
 )
 flags.DEFINE_integer("seed", 0, "Seed for data splits, shuffling, initialisation and arch steps.")
+flags.DEFINE_bool(
+    "deterministic",
+    False,
+    "TensorFlow op determinism on top of the seeds: the same run, killed and resumed or not, "
+    "gives bitwise the same architecture.json and weights on the same machine (a little "
+    "slower).",
+)
 flags.DEFINE_enum(
     "strategy", "default", STRATEGIES, "tf.distribute strategy: one device or mirrored."
 )
@@ -106,7 +114,13 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("train_subset", None, "Use only N training examples.", lower_bound=2)
 flags.DEFINE_integer("test_subset", None, "Use only N test examples.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "Batch size (global, over all replicas).", lower_bound=1)
-flags.DEFINE_bool("augment", True, "Random crop with padding and horizontal flip.")
+flags.DEFINE_bool("augment", True, "Random crop with padding (and flip, see --flip).")
+flags.DEFINE_bool(
+    "flip",
+    None,
+    "Random horizontal flip when augmenting (default: off for digits, mnist, emnist, kmnist "
+    "and svhn_cropped, where a mirrored image is another symbol; on otherwise).",
+)
 flags.DEFINE_integer("crop_padding", 4, "Padding of the random crop, in pixels.", lower_bound=0)
 flags.DEFINE_integer(
     "cutout_size", 0, "Cutout square side during fine-tuning, in pixels (0: off).", lower_bound=0
@@ -267,11 +281,35 @@ def config_from_flags() -> RunConfig:
         supernet_checkpoint=FLAGS.supernet_checkpoint,
         seed=FLAGS.seed,
         strategy=FLAGS.strategy,
+        deterministic=FLAGS.deterministic,
     )
+
+
+def _check_writable(root: str) -> None:
+    """Refuses a --workdir that is a file, or a folder this user cannot write to."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UsageError(f"--workdir={root} is a file, not a folder: choose a folder for the run.")
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(
+            f"Cannot write to --workdir={root}: {error.strerror}. Choose a folder you can write "
+            "to, or fix its permissions."
+        ) from None
+
+
+# Flags that --resume honours when given on its command line: they choose what runs
+# and how it runs on this machine, not what the run computes.
+RESUME_FLAGS = ("workdir", "resume", "phases", "threads", "logical_cpus", "tf_logs")
 
 
 def prepare_workdir(root: str, resume: bool) -> RunConfig:
     """Checks the workdir, writes or reads config.json, returns the run configuration."""
+    _check_writable(root)
     workdir = Workdir(root)
     if resume:
         if not os.path.exists(workdir.config):
@@ -280,13 +318,20 @@ def prepare_workdir(root: str, resume: bool) -> RunConfig:
                 "Start a new run without --resume."
             )
         saved = workdir.read_config()
-        changed = _changed_flags(saved)
-        if changed:
+        ignored = _changed_flags(saved)
+        if ignored:
             logging.warning(
-                "--resume uses the configuration saved in %s; ignoring flags that differ: %s",
+                "--resume uses the configuration saved in %s; ignoring these flags of the "
+                "command line, which differ from it: %s",
                 workdir.config,
-                ", ".join(changed),
+                ", ".join(f"--{name}" for name in ignored),
             )
+        if FLAGS["phases"].present and tuple(FLAGS.phases) != saved.phases:
+            try:
+                saved = dataclasses.replace(saved, phases=tuple(FLAGS.phases))
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+            print(f"--resume: running the phases given, {','.join(saved.phases)}.", flush=True)
         return saved
     # A workdir holding only config.json is a run that failed before training
     # (bad data flags, say): starting again there overwrites nothing of value.
@@ -304,30 +349,73 @@ def prepare_workdir(root: str, resume: bool) -> RunConfig:
 
 
 def _changed_flags(saved: RunConfig) -> list[str]:
-    """Flags set on this command line whose values differ from the saved configuration."""
+    """Flags given on this command line (or in a --flagfile) that the saved configuration
+    sets differently, other than RESUME_FLAGS."""
     try:
-        current = config_from_flags().to_dict()
+        current = config_from_flags()
     except ValueError:
-        return ["(flags that do not form a valid configuration)"]
-    saved_dict = saved.to_dict()
+        current = None
+    given = [
+        name
+        for name in FLAGS
+        if FLAGS[name].present and name not in RESUME_FLAGS and name != "flagfile"
+    ]
+    if current is None:
+        return given
+    current_dict, saved_dict = current.to_dict(), saved.to_dict()
     changed = []
-    for section, values in current.items():
-        if isinstance(values, dict):
-            changed += [
-                f"{section}.{key}"
-                for key, value in values.items()
-                if json.dumps(value) != json.dumps(saved_dict[section][key])
-            ]
-        elif json.dumps(values) != json.dumps(saved_dict[section]):
-            changed.append(section)
+    for name in given:
+        values = [_config_value(config, name) for config in (current_dict, saved_dict)]
+        if values[0] is _UNKNOWN or json.dumps(values[0]) != json.dumps(values[1]):
+            changed.append(name)
     return changed
+
+
+_UNKNOWN = object()
+
+
+def _config_value(config: dict, flag: str):
+    """The value a flag sets in a RunConfig dict (_UNKNOWN when no field holds it)."""
+    sections = {
+        "supernet": "supernet_",
+        "mask": "mask_",
+        "finetune": "finetune_",
+        "data": "",
+        "search_space": "",
+        "export": "",
+    }
+    if flag in config and not isinstance(config[flag], dict):
+        return config[flag]
+    for section, prefix in sections.items():
+        values = config.get(section, {})
+        if flag.startswith(prefix) and flag[len(prefix) :] in values:
+            return values[flag[len(prefix) :]]
+    renamed = {"export_formats": ("export", "formats"), "ops": ("search_space", "op_names")}
+    if flag in renamed:
+        section, key = renamed[flag]
+        return config[section][key]
+    for values in config.values():
+        if isinstance(values, dict) and flag in values:
+            return values[flag]
+    return _UNKNOWN
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        print(
+            f"Error: unexpected arguments: {' '.join(argv[1:])}. Flags take the form "
+            "--name=value (python -m hmnas_keras.search --help lists them).",
+            file=sys.stderr,
+        )
+        return 1
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the directory for the run's outputs.")
+        print(
+            "Error: --workdir is required: the folder for the run's outputs, e.g. "
+            "python -m hmnas_keras.search --flagfile=configs/quickstart.cfg "
+            "--workdir=runs/quickstart (--help lists every flag).",
+            file=sys.stderr,
+        )
+        return 1
     from hmnas_keras.architecture.architecture_json import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
     from hmnas_keras.export.formats import ExportError
@@ -350,6 +438,14 @@ def main(argv):
         MaskTargetError,
     ) as error:
         print(f"Error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, a folder made read-only mid-run, ...
+        where = f" ({error.filename})" if error.filename else ""
+        print(
+            f"Error: {error.strerror or error}{where}. Nothing was lost: fix it and run "
+            "again with --resume.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -2,7 +2,13 @@ import keras
 import numpy as np
 import pytest
 
-from hmnas_keras.checkpoint import CheckpointError, read_state, restore_checkpoint, save_checkpoint
+from hmnas_keras.checkpoint import (
+    CheckpointError,
+    read_model_arrays,
+    read_state,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from hmnas_keras.config import DataConfig, RunConfig, SupernetConfig
 from hmnas_keras.data import make_search_data
 from hmnas_keras.pipeline.supernet_phase import build_search
@@ -57,3 +63,28 @@ def test_restore_into_a_different_model_is_refused(tmp_path):
         restore_checkpoint(path, other.state_variables)
     with pytest.raises(CheckpointError, match="No checkpoint"):
         restore_checkpoint(str(tmp_path / "missing.npz"), [])
+
+
+def test_damaged_checkpoints_name_the_file_and_what_to_do(tmp_path):
+    variables = [keras.Variable(np.arange(6.0).reshape(2, 3), name="w")]
+    good = str(tmp_path / "good.npz")
+    save_checkpoint(good, variables, {"epoch": 3})
+    data = open(good, "rb").read()
+    damaged = {
+        "empty.npz": (b"", r"it is empty \(0 bytes\)"),
+        "junk.npz": (b"not a checkpoint at all" * 10, "damaged or not a checkpoint"),
+        "truncated.npz": (data[: len(data) // 2], "damaged or not a checkpoint"),
+    }
+    for name, (content, reason) in damaged.items():
+        path = str(tmp_path / name)
+        with open(path, "wb") as handle:
+            handle.write(content)
+        for read in (read_state, lambda p: restore_checkpoint(p, variables)):
+            with pytest.raises(
+                CheckpointError, match=rf"Checkpoint {path} is .*{reason}"
+            ) as caught:
+                read(path)
+            assert "--resume" in str(caught.value) and "allow_pickle" not in str(caught.value)
+        with pytest.raises(CheckpointError, match="damaged"):
+            read_model_arrays(path, "w")
+    assert read_state(good) == {"epoch": 3}  # the intact one still reads

@@ -68,10 +68,17 @@ def test_mixed_sizes_need_image_size(tmp_path):
                     b"not an image"
                 )
             ),
-            r"Cannot read image file .*broken.jpg",
+            r"Cannot read image file .*broken.jpg: (?!.*function_node)",
+        ),
+        (
+            lambda root: (
+                make_folder(root)
+                and open(os.path.join(root, "test", "dog", "empty.png"), "wb").close() is None
+            ),
+            r"Cannot read image file .*empty.png: it is empty \(0 bytes\)",
         ),
     ],
-    ids=["missing-root", "missing-split", "empty-class", "unreadable-image"],
+    ids=["missing-root", "missing-split", "empty-class", "unreadable-image", "zero-byte-image"],
 )
 def test_bad_folders_get_clear_errors(tmp_path, breakage, message):
     root = str(tmp_path / "data")
@@ -173,9 +180,29 @@ def test_pipeline_resumes_at_any_step_with_the_same_batches():
     assert not np.array_equal(epochs[0], epochs[1])
 
 
+def test_flip_is_off_by_default_for_digits_and_on_for_other_data():
+    assert DataConfig(dataset="digits").flip is False
+    assert DataConfig(dataset="mnist", flip=None).flip is False
+    assert DataConfig(dataset="folder", flip=None).flip is True
+    assert DataConfig(dataset="digits", flip=True).flip is True  # asked for
+    # Without crop padding, unflipped augmentation leaves every image as it is.
+    config = DataConfig(dataset="digits", batch_size=16, crop_padding=0, flip=None)
+    plain = make_search_data(DataConfig(dataset="digits", batch_size=16, augment=False), seed=0)
+    (original, _), _ = next(iter(plain.bilevel_dataset(1)))
+    (same, _), _ = next(iter(make_search_data(config, seed=0).bilevel_dataset(1)))
+    np.testing.assert_array_equal(same, original)
+    flipping = DataConfig(dataset="digits", batch_size=16, crop_padding=0, flip=True)
+    (flipped, _), _ = next(iter(make_search_data(flipping, seed=0).bilevel_dataset(1)))
+    mirrored = [
+        np.array_equal(f, o[:, ::-1]) and not np.array_equal(f, o)
+        for f, o in zip(flipped.numpy(), original.numpy(), strict=True)
+    ]
+    assert 0 < sum(mirrored) < 16
+
+
 def test_augmentation_crops_flips_and_cutout():
     config = DataConfig(
-        dataset="digits", batch_size=16, augment=True, crop_padding=2, cutout_size=4
+        dataset="digits", batch_size=16, augment=True, crop_padding=2, cutout_size=4, flip=True
     )
     data = make_search_data(config, seed=0)
     plain = make_search_data(DataConfig(dataset="digits", batch_size=16, augment=False), seed=0)

@@ -1,5 +1,6 @@
 """The command line end to end, in subprocesses (as a user runs it)."""
 
+import contextlib
 import csv
 import json
 import os
@@ -72,9 +73,16 @@ def test_cli_end_to_end_writes_every_artifact(tmp_path):
     assert "is not empty. Pass --resume" in again.stderr and "Traceback" not in again.stderr
 
 
+def checkpoint_arrays(path):
+    with np.load(path) as archive:
+        return {key: archive[key] for key in archive.files if key.startswith("v")}
+
+
 def test_killed_run_resumes_with_a_continuous_history(tmp_path):
     workdir = str(tmp_path / "run")
-    flags = ["--supernet_epochs=3", "--checkpoint_every_steps=3"]
+    flags = ["--supernet_epochs=3", "--checkpoint_every_steps=3", "--deterministic"]
+    uninterrupted = str(tmp_path / "uninterrupted")
+    assert search(uninterrupted, *flags).returncode == 0
     process = search(workdir, *flags, wait=False)
     checkpoint = os.path.join(workdir, "supernet", "checkpoint.npz")
     deadline = time.monotonic() + 300
@@ -108,16 +116,72 @@ def test_killed_run_resumes_with_a_continuous_history(tmp_path):
         for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))
     ]
     assert history == [1, 2, 3]
+    # With --deterministic the resumed run ends bitwise where the uninterrupted one did.
+    expected = checkpoint_arrays(os.path.join(uninterrupted, "supernet", "checkpoint.npz"))
+    got = checkpoint_arrays(checkpoint)
+    assert got.keys() == expected.keys()
+    different = [k for k in expected if not np.array_equal(got[k], expected[k])]
+    assert not different, f"{len(different)} of {len(expected)} arrays differ"
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-    workdir = str(tmp_path / "run")
-    result = search(workdir, "--supernet_epochs=2", "--strategy=mirrored", "--logical_cpus=2")
+# Trains the same supernet 3 steps on one device and with MirroredStrategy over two logical
+# CPUs (the --strategy=mirrored --logical_cpus=2 path), at the same global batch of 16. Each
+# batch is two copies of 8 images, so each replica sees the same 8 images and its BN batch
+# statistics, loss and gradients are the whole batch's: the two runs must agree.
+MIRRORED_VS_ONE_DEVICE = """
+import json
+import numpy as np
+import tensorflow as tf
+from hmnas_keras.runtime import configure_tensorflow
+configure_tensorflow(0, 2)
+from hmnas_keras.config import DataConfig, RunConfig, SupernetConfig
+from hmnas_keras.data import make_search_data
+from hmnas_keras.pipeline.run import make_strategy
+from hmnas_keras.pipeline.supernet_phase import build_search
+from hmnas_keras.space.search_space import SearchSpace
+config = RunConfig(
+    data=DataConfig(dataset="digits", batch_size=16, train_subset=200, augment=False),
+    search_space=SearchSpace(num_cells=2, channels=4, num_nodes=2,
+                             op_names=("sep_conv_3x3", "max_pool_3x3", "skip_connect")),
+    supernet=SupernetConfig(epochs=1, warmup_epochs=0),
+)
+data = make_search_data(config.data, config.seed)
+(wx, wy), (ax, ay) = next(iter(data.bilevel_dataset(1)))
+twice = lambda t: tf.concat([t[:8], t[:8]], 0)
+batch = ((twice(wx), twice(wy)), (twice(ax), twice(ay)))
+dataset = tf.data.Dataset.from_tensors(batch).repeat(3)
+runs = {}
+for name in ("default", "mirrored"):
+    strategy = make_strategy(name)
+    with strategy.scope():
+        search = build_search(config, data)
+        start = [np.array(v) for v in search.supernet.weights]
+    search.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+    runs[name] = (strategy.num_replicas_in_sync, start,
+                  [np.array(v) for v in search.supernet.weights])
+(n1, start, one), (n2, _, two) = runs["default"], runs["mirrored"]
+print(json.dumps({
+    "replicas": [n1, n2],
+    "moved": max(float(np.abs(a - b).max()) for a, b in zip(one, start)),
+    "difference": max(float(np.abs(a - b).max()) for a, b in zip(one, two)),
+    "scale": max(float(np.abs(a).max()) for a in one),
+}))
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus_matches_one_device():
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_VS_ONE_DEVICE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(workdir)
-    assert float(rows[1]["arch_step_fraction"]) == 1.0
-    assert np.isfinite(float(rows[1]["loss"]))
-    assert "Strategy: mirrored, 2 replica(s)" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["replicas"] == [1, 2]
+    assert figures["moved"] > 1e-3  # the steps changed the weights, α and β
+    assert figures["difference"] <= 1e-4 * max(1.0, figures["scale"]), figures
 
 
 @pytest.mark.parametrize(
@@ -166,3 +230,86 @@ def test_a_run_that_failed_before_training_can_be_started_again(tmp_path):
     assert json.load(open(os.path.join(workdir, "config.json")))["data"]["data_dir"].endswith(
         "missing"
     )
+
+
+@contextlib.contextmanager
+def parsed_flags(*argv):
+    """hmnas_keras.search with its flags parsed from `argv`, in this process."""
+    from hmnas_keras import search as cli
+
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["hmnas_keras.search", *argv])
+    try:
+        yield cli
+    finally:
+        cli.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning_rate=0"], "invalid --learning_rate, expected a positive number"),
+        (["--finetune_learning_rate=0"], "invalid --finetune_learning_rate, expected a positive"),
+        (["--learning_rate=0.01", "--learning_rate_min=0.1"], "from 0 to --learning_rate"),
+        (["--finetune_learning_rate_min=1"], "from 0 to --finetune_learning_rate"),
+        (["--mask_threshold=0"], "invalid --mask_threshold, expected a positive number"),
+        (["--mask_initial_value=0"], "invalid --mask_initial_value, expected a positive"),
+        (
+            ["--mask_initial_value=0.001", "--mask_target=params", "--mask_target_ratio=0.5"],
+            "no mask could ever be kept",
+        ),
+    ],
+)
+def test_invalid_learning_rates_and_mask_values_are_refused(tmp_path, flags, message):
+    with parsed_flags(f"--workdir={tmp_path / 'run'}", *flags) as cli:
+        with pytest.raises(cli.UsageError, match=message):
+            cli.prepare_workdir(cli.FLAGS.workdir, False)
+
+
+def test_unusable_workdirs_are_refused(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(str(afile), "is a file, not a folder"), (str(afile / "run"), "Cannot write to")]
+    if os.path.isdir("/proc"):  # read-only, even for root
+        cases.append(("/proc/hmnas-run", "Cannot write to --workdir=/proc/hmnas-run"))
+    for workdir, message in cases:
+        with parsed_flags(f"--workdir={workdir}") as cli:
+            with pytest.raises(cli.UsageError, match=message):
+                cli.prepare_workdir(workdir, False)
+
+
+def test_resume_counts_only_the_flags_given_and_honours_phases(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    first = ("--supernet_epochs=3", "--warmup_epochs=1", "--channels=4")
+    with parsed_flags(f"--workdir={workdir}", *first) as cli:
+        cli.prepare_workdir(workdir, False)
+    warnings = []
+    monkeypatch.setattr(cli.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+    given = ("--resume", "--channels=4", "--supernet_epochs=5", "--warmup_epochs=1")
+    given += ("--seed=2", "--threads=1")
+    with parsed_flags(f"--workdir={workdir}", *given) as cli:
+        config = cli.prepare_workdir(workdir, True)
+    assert config.supernet.epochs == 3 and config.seed == 0  # the saved run's
+    assert config.phases == ("supernet", "mask", "finetune", "export")
+    (warning,) = warnings
+    named = warning.split("differ from it: ")[1].split(", ")
+    assert sorted(named) == ["--seed", "--supernet_epochs"], warning
+    with parsed_flags(f"--workdir={workdir}", "--resume", "--phases=export") as cli:
+        assert cli.prepare_workdir(workdir, True).phases == ("export",)
+    assert len(warnings) == 1
+
+
+def test_a_missing_workdir_and_a_damaged_checkpoint_are_one_line_each(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "hmnas_keras.search"]
+    missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [missing.stderr.strip()], missing.stderr
+    assert "--workdir is required" in missing.stderr and not missing.stdout
+    # TensorFlow's start-up logs are silenced (oneDNN, CPU features).
+    assert "oneDNN" not in missing.stderr and "cpu_feature" not in missing.stderr
+    broken = tmp_path / "checkpoint.npz"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    result = search(str(tmp_path / "run"), "--phases=mask", f"--supernet_checkpoint={broken}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"Checkpoint {broken} is damaged or not a checkpoint" in result.stderr

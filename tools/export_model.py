@@ -21,6 +21,7 @@ import sys
 
 from absl import app, flags, logging
 
+from hmnas_keras import quiet_logs  # noqa: F401  (first: before TensorFlow loads)
 from hmnas_keras.export import options as export_options
 
 flags.DEFINE_string("workdir", None, "A run's directory, fine-tuned (required).")

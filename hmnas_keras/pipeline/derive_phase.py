@@ -24,7 +24,13 @@ from hmnas_keras.architecture.searched_network import (
     inherit_weights,
     to_searched,
 )
-from hmnas_keras.checkpoint import CheckpointError, assign_by_path, relative_path, write_json
+from hmnas_keras.checkpoint import (
+    CheckpointError,
+    assign_by_path,
+    checkpoint_reading,
+    relative_path,
+    write_json,
+)
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, SUPERNET_MODEL, Workdir
@@ -206,7 +212,7 @@ def read_weight_masks(workdir: Workdir, architecture: dict) -> dict | None:
         raise arch_json.ArchitectureError(
             f"architecture.json refers to weight masks in {path}, which does not exist."
         )
-    with np.load(path) as archive:
+    with checkpoint_reading(path), np.load(path) as archive:
         return {name: archive[name].astype(bool) for name in archive.files}
 
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 from hmnas_keras.architecture.architecture_json import summary_counts
 from hmnas_keras.architecture.cost import MaskCost
 from hmnas_keras.architecture.derivation import derive_cell
-from hmnas_keras.checkpoint import CheckpointError, read_state, write_json
+from hmnas_keras.checkpoint import checkpoint_reading, read_state, write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.pipeline.derive_phase import (
@@ -97,7 +97,7 @@ def resolve_target(mask, cost: MaskCost) -> float | None:
 
 def checkpoint_mask_kind(path: str) -> str | None:
     """ "element" or "channel" if the checkpoint at `path` holds masks, else None."""
-    with np.load(path) as archive:
+    with checkpoint_reading(path), np.load(path) as archive:
         paths = json.loads(str(archive["__paths__"]))
     if any("/channel_mask." in p for p in paths):
         return "channel"
@@ -112,10 +112,7 @@ def _check_mask_kind(workdir: Workdir, config: RunConfig) -> None:
     for path in (workdir.mask.checkpoint, workdir.trained_supernet):
         if not os.path.exists(path):
             continue
-        try:
-            kind = checkpoint_mask_kind(path)
-        except (OSError, ValueError, KeyError):
-            raise CheckpointError(f"{path} is not a readable hmnas_keras checkpoint.") from None
+        kind = checkpoint_mask_kind(path)  # CheckpointError, with what to do, if damaged
         if kind is not None and kind != wanted:
             raise MaskTargetError(
                 f"--weight_mask={wanted} on a mask checkpoint trained with {kind} masks "
@@ -133,6 +130,13 @@ def check_mask_settings(config: RunConfig, data: SearchData, workdir: Workdir) -
     supernet is refused before the supernet phase spends its epochs.
     """
     _check_mask_kind(workdir, config)
+    if config.mask.initial_value < config.mask.threshold:
+        print(
+            f"Warning: --mask_initial_value={config.mask.initial_value:g} is below "
+            f"--mask_threshold={config.mask.threshold:g}: every mask starts pruned (the "
+            "network starts empty). Raise it above the threshold unless that is intended.",
+            flush=True,
+        )
     if config.mask.target != "none":
         resolve_target(config.mask, MaskCost(build_supernet(config, data), config.mask.weight_mask))
 

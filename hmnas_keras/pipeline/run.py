@@ -84,6 +84,10 @@ def run(config: RunConfig, workdir: Workdir) -> dict:
     from hmnas_keras.pipeline.report import write_report
 
     started = time.monotonic()
+    if config.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     data = make_search_data(config.data, config.seed)
     print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
     strategy = make_strategy(config.strategy)
