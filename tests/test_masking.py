@@ -210,3 +210,36 @@ def test_single_level_supernet_has_no_edge_masks_and_derives():
     cell = derive_cell(space.op_names, 2, op_weights, edge_weights, binary["alpha"]["reduce"])
     assert [(e["source"], e["target"]) for e in cell["edges"]] == [(1, 2), (0, 3), (1, 3), (2, 3)]
     assert cell["edges"][0]["weight"] == 0.5  # uniform edge weights, 1 / in-degree
+
+
+def test_alpha_and_beta_mask_gradients_pass_straight_through():
+    """dL/dM^r of the α and β masks is dL/dM of their binary masks (STE), and not zero."""
+    supernet = _supernet(5)
+    masked = MaskedSearch(supernet)
+    x, y = _images(6), np.array([0, 1, 2])
+
+    def loss():
+        logits = supernet(x, training=True)
+        return ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+
+    real = [masked.alpha_masks[t] for t in SPACE.present_cell_types]
+    real += [masked.beta_masks[t] for t in SPACE.present_cell_types]
+    with tf.GradientTape() as tape:
+        value = loss()
+    through_ste = tape.gradient(value, real)
+    masked.detach()
+    # The same forward pass with the binary masks (all ones) as plain watched tensors.
+    ones = {
+        t: (tf.ones(masked.alpha_masks[t].shape), tf.ones(masked.beta_masks[t].shape))
+        for t in SPACE.present_cell_types
+    }
+    supernet.set_arch_masks(lambda cell_type: ones[cell_type])
+    binary = [ones[t][0] for t in SPACE.present_cell_types]
+    binary += [ones[t][1] for t in SPACE.present_cell_types]
+    with tf.GradientTape() as tape:
+        tape.watch(binary)
+        value = loss()
+    expected = tape.gradient(value, binary)
+    for got, want in zip(through_ste, expected, strict=True):
+        assert got is not None and np.abs(want.numpy()).max() > 1e-6
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-8)

@@ -38,3 +38,128 @@ def test_stride_two_dilated_conv_equals_the_dilated_conv_at_even_positions():
     )[:, ::2, ::2, :]
     expected = strided.bn(strided.pointwise(full), training=False)
     np.testing.assert_allclose(strided(images, training=False), expected, rtol=1e-5, atol=1e-5)
+
+
+# Reference implementations in numpy (NHWC, TensorFlow's "same" padding, inference-mode BN).
+
+
+def _same_padding(size, kernel, stride, dilation=1):
+    extent = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + extent - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def np_depthwise(x, kernel, stride=1, dilation=1):
+    n, h, w, c = x.shape
+    k = kernel.shape[0]
+    out_h, top, bottom = _same_padding(h, k, stride, dilation)
+    out_w, left, right = _same_padding(w, k, stride, dilation)
+    padded = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    result = np.zeros((n, out_h, out_w, c))
+    for a in range(k):
+        for b in range(k):
+            rows = padded[:, a * dilation :: stride][:, :out_h]
+            window = rows[:, :, b * dilation :: stride][:, :, :out_w]
+            result += window * kernel[a, b, :, 0]
+    return result
+
+
+def np_pointwise(x, kernel, stride=1):
+    return x[:, ::stride, ::stride] @ kernel[0, 0]
+
+
+def np_batch_norm(x, bn):
+    mean, variance = (np.asarray(v) for v in (bn.moving_mean, bn.moving_variance))
+    y = (x - mean) / np.sqrt(variance + bn.epsilon)
+    if bn.scale:
+        y = y * np.asarray(bn.gamma)
+    return y + np.asarray(bn.beta) if bn.center else y
+
+
+def np_pool(x, kind, stride):
+    """3x3 pooling, "same" padding; padded positions are excluded (from averages too)."""
+    n, h, w, c = x.shape
+    out_h, top, _ = _same_padding(h, 3, stride)
+    out_w, left, _ = _same_padding(w, 3, stride)
+    result = np.zeros((n, out_h, out_w, c))
+    for i in range(out_h):
+        for j in range(out_w):
+            r0, c0 = i * stride - top, j * stride - left
+            window = x[:, max(r0, 0) : r0 + 3, max(c0, 0) : c0 + 3]
+            result[:, i, j] = window.max((1, 2)) if kind == "max" else window.mean((1, 2))
+    return result
+
+
+def np_reference(op, x):
+    relu = np.maximum(x, 0)
+    kind = type(op).__name__
+    if kind == "SepConv":
+        y = np_depthwise(relu, np.asarray(op.depthwise_1.kernel), op.stride)
+        y = np_batch_norm(np_pointwise(y, np.asarray(op.pointwise_1.kernel)), op.bn_1)
+        y = np_depthwise(np.maximum(y, 0), np.asarray(op.depthwise_2.kernel))
+        return np_batch_norm(np_pointwise(y, np.asarray(op.pointwise_2.kernel)), op.bn_2)
+    if kind == "DilConv":
+        # Stride 1: dilation 2. Stride 2: the dilated conv's even output positions.
+        y = np_depthwise(relu, np.asarray(op.depthwise.kernel), 1, 2)[:, :: op.stride, :: op.stride]
+        return np_batch_norm(np_pointwise(y, np.asarray(op.pointwise.kernel)), op.bn)
+    if kind == "Pool":
+        return np_batch_norm(np_pool(x, op.kind, op.stride), op.bn)
+    if kind == "Identity":
+        return x
+    shifted = np.pad(relu[:, 1:, 1:], ((0, 0), (0, 1), (0, 1), (0, 0)))
+    paths = [
+        np_pointwise(relu, np.asarray(op.conv_1.kernel), 2),
+        np_pointwise(shifted, np.asarray(op.conv_2.kernel), 2),
+    ]
+    return np_batch_norm(np.concatenate(paths, axis=-1), op.bn)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("op_name", OP_NAMES)
+def test_op_values_match_a_numpy_reference(op_name, stride):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 7, 7, 4)).astype("float32")
+    op = build_op(op_name, 4, stride)
+    op(x, training=False)
+    for variable in op.variables:  # BN statistics away from the identity too
+        if "moving_variance" in variable.path:
+            variable.assign(rng.uniform(0.5, 2.0, variable.shape).astype("float32"))
+        else:
+            variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    got = np.asarray(op(x, training=False))
+    expected = np_reference(op, x.astype("float64"))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    if op_name == "avg_pool_3x3":  # the corner averages its 4 real neighbours, not 9
+        corner = x[0, :2, :2].mean((0, 1))
+        np.testing.assert_allclose(np.asarray(op.pool(x))[0, 0, 0], corner, rtol=1e-5)
+
+
+def test_fused_batch_norm_matches_keras_batch_normalization():
+    import keras
+
+    from hmnas_keras.space.operations import FusedBatchNorm
+
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(8, 5, 5, 3)) * 3 + 1).astype("float32")
+    for affine in (False, True):
+        options = dict(momentum=0.9, epsilon=1e-5, center=affine, scale=affine)
+        fused, plain = FusedBatchNorm(**options), keras.layers.BatchNormalization(**options)
+        fused.build(x.shape)
+        plain.build(x.shape)
+        for a, b in zip(fused.weights, plain.weights, strict=True):
+            value = rng.uniform(0.5, 2.0, a.shape).astype("float32")
+            a.assign(value)
+            b.assign(value)
+        # Training: batch statistics, and the same moving-statistics update (biased variance).
+        np.testing.assert_allclose(fused(x, training=True), plain(x, training=True), atol=2e-5)
+        for a, b in zip(fused.weights, plain.weights, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, err_msg=a.path)
+        # Inference: the moving statistics.
+        np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-6)
+        # A frozen layer normalises with the moving statistics, in training too.
+        fused.trainable = plain.trainable = False
+        frozen = plain(x, training=True)
+        np.testing.assert_allclose(fused(x, training=True), frozen, atol=1e-6)
+        np.testing.assert_allclose(frozen, plain(x, training=False), atol=1e-6)

@@ -30,11 +30,16 @@ class FusedBatchNorm(MaskableBatchNormalization):
     Keras 3 normalises with separate moment and arithmetic ops; on a CPU the
     supernet is bound by those memory passes, and the fused kernel (forward and
     gradient) makes a supernet step about twice as fast. Inference and the
-    variables are those of `keras.layers.BatchNormalization`.
+    variables are those of `keras.layers.BatchNormalization`, and so is a
+    frozen layer (`trainable=False` normalises with the moving statistics, also
+    in training). One difference: TensorFlow's fused kernel raises ε to at
+    least 1.001e-5, so a layer with ε = 1e-5 divides by sqrt(var + 1.001e-5) in
+    training (a relative difference of about 5e-7 at unit variance).
     """
 
     def call(self, inputs, training=None, mask=None):
-        if not training or len(inputs.shape) != 4 or self.axis not in (-1, 3):
+        fused = training and self.trainable and len(inputs.shape) == 4
+        if not fused or self.axis not in (-1, 3):
             return super().call(inputs, training=training, mask=mask)
         channels = inputs.shape[-1]
         scale = self.gamma if self.scale else tf.ones([channels], inputs.dtype)
