@@ -224,6 +224,9 @@ def test_searched_network_with_several_ops_per_edge_equals_it_in_inference():
     )
 
 
+# Large (suite time): the pipeline test checks the same on its fine-tuned run
+# (finetune/summary.json's pruned_weights_zero).
+@pytest.mark.large
 def test_pruned_weights_stay_exactly_zero_through_fine_tuning():
     supernet, masked, x = _masked_supernet(seed=2, prune=0.5, space=SMALL)
     alpha, beta = np.ones((5, 3), dtype=bool), np.ones(5, dtype=bool)

@@ -124,7 +124,11 @@ def test_unused_cells_are_not_built_and_not_counted(tmp_path):
     )
 
 
-@pytest.mark.parametrize("weight_mask", ["element", "channel"])
+# The element variant is large (suite time); the channel variant reaches the same α, β
+# and weight-mask code.
+@pytest.mark.parametrize(
+    "weight_mask", [pytest.param("element", marks=pytest.mark.large), "channel"]
+)
 def test_the_cost_gradient_reaches_every_kind_of_mask(weight_mask):
     supernet, _ = _supernet(3)
     dense = parameter_counts(supernet.weight_variables)["dense"]
@@ -206,7 +210,10 @@ def test_channel_masked_export_is_smaller_and_matches(tmp_path):
     np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("weight_mask", ["element", "channel"])
+# The element variant is large (suite time); calibration is the same bisection for both kinds.
+@pytest.mark.parametrize(
+    "weight_mask", [pytest.param("element", marks=pytest.mark.large), "channel"]
+)
 def test_calibration_lands_the_cost_on_the_target(weight_mask):
     supernet, _ = _supernet(6)
     dense = parameter_counts(supernet.weight_variables)["dense"]
@@ -293,6 +300,8 @@ def test_an_unreachable_target_is_left_alone_and_reported():
     assert summary["relative_error"] == pytest.approx(summary["reached"] / 5 - 1, rel=1e-5)
 
 
+# Large (suite time): the ramp is also exercised by every target run in the default suite.
+@pytest.mark.large
 def test_the_controller_target_ramps_from_the_supernet_to_the_target():
     supernet, _ = _supernet(9)
     masked = MaskedSearch(supernet, target="flops", target_count=1000.0, ramp_steps=10)
