@@ -44,6 +44,24 @@ def search(workdir, *flags, wait=True):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
+def _kill_during(workdir, phase, flags, at_step):
+    """Starts the run, SIGKILLs it once `phase` has checkpointed step `at_step`."""
+    process = search(workdir, *flags, wait=False)
+    checkpoint = os.path.join(workdir, phase, "checkpoint.npz")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if read_state(checkpoint)["global_step"] >= at_step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    assert process.poll() is None, process.stdout.read().decode()[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not read_state(checkpoint)["finished"]
+
+
 def load(workdir, *path):
     with open(os.path.join(workdir, *path)) as handle:
         return json.load(handle)
@@ -144,6 +162,9 @@ def test_the_pipeline_ends_with_exported_models_and_pictures(pipeline):
     assert np.mean(hits) == pytest.approx(report["rows"]["finetuned"]["test_accuracy"], abs=1e-6)
 
 
+# Large (suite time): the DARTS derivation is checked in test_architecture.py, and the
+# baseline path shares the finetune and export phases with the tests above.
+@pytest.mark.large
 def test_darts_baseline_fine_tunes_from_the_same_supernet(pipeline, tmp_path):
     source, _ = pipeline
     workdir = str(tmp_path / "darts")
@@ -186,6 +207,26 @@ def test_the_hmnas_architecture_retrained_from_scratch(pipeline, tmp_path):
     assert list(report["rows"]) == ["supernet", "finetuned"]  # no searched row without weights
     finetune = load(workdir, "finetune", "summary.json")
     assert "pruned_weights_zero" not in finetune
+    # It started from fresh weights: the network fine-tuning builds holds none of the
+    # (masked) supernet's kernels, where an inherited start holds them all.
+    from hmnas_keras.architecture.searched_network import to_searched
+    from hmnas_keras.checkpoint import relative_path
+    from hmnas_keras.data import make_search_data
+    from hmnas_keras.pipeline.finetune_phase import build_finetune
+    from hmnas_keras.pipeline.workdir import Workdir
+
+    inherited = to_searched(original, Workdir(source).masked_supernet_arrays())
+    for run_dir, init in ((workdir, "scratch"), (source, "inherited")):
+        config = Workdir(run_dir).read_config()
+        assert config.finetune_init == init
+        data = make_search_data(config.data, config.seed)
+        network = build_finetune(config, data, Workdir.of_run(run_dir, config), original).network
+        kernels = [v for v in network.variables if v.path.endswith("kernel")]
+        same = [
+            np.array_equal(v.numpy(), inherited[relative_path(v.path)] * (v.numpy() != 0))
+            for v in kernels
+        ]
+        assert kernels and (not any(same) if init == "scratch" else all(same)), (init, same)
 
 
 # Large (~17 s): training from scratch is covered by the HM-NAS-architecture test above.
@@ -222,6 +263,7 @@ def test_degenerate_masks_are_reported_not_crashed_into(pipeline, tmp_path):
     )
     assert result.returncode == 1
     assert "Nothing to fine-tune: every node of the reduce cell was pruned" in result.stderr
+    assert "every mask starts pruned" in result.stdout  # warned before any training
     assert "Traceback" not in result.stderr
     architecture = load(workdir, "architecture.json")
     assert "output no longer depends on its input" in architecture["degenerate"]
@@ -236,19 +278,8 @@ def test_killed_mask_phase_resumes_with_a_continuous_history(pipeline, tmp_path)
         "--mask_epochs=3",
         "--checkpoint_every_steps=3",
     ]
-    process = search(workdir, *flags, wait=False)
+    _kill_during(workdir, "mask", flags, at_step=15)
     checkpoint = os.path.join(workdir, "mask", "checkpoint.npz")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if read_state(checkpoint)["global_step"] >= 15:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    assert process.poll() is None, process.stdout.read().decode()[-3000:]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     state = read_state(checkpoint)
     assert 15 <= state["global_step"] < 36 and not state["finished"]
 
@@ -425,3 +456,28 @@ def test_onnx_speed_times_exported_models_back_to_back(pipeline, tmp_path):
     )
     assert missing.returncode == 1 and "has no export/model.onnx" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("phase", ["supernet", "mask", "finetune"])
+def test_a_run_killed_in_any_phase_resumes_to_the_same_result(tmp_path, phase):
+    flags = ["--phases=supernet,mask,finetune", "--checkpoint_every_steps=2", "--deterministic"]
+    uninterrupted = str(tmp_path / "uninterrupted")
+    result = search(uninterrupted, *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    workdir = str(tmp_path / "killed")
+    _kill_during(workdir, phase, flags, at_step=5)
+    resumed = search(workdir, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming the {phase} phase" in resumed.stdout
+    with open(os.path.join(workdir, "architecture.json"), "rb") as got:
+        with open(os.path.join(uninterrupted, "architecture.json"), "rb") as expected:
+            assert got.read() == expected.read()
+    for done in ("supernet", "mask", "finetune"):
+        got = np.load(os.path.join(workdir, done, "checkpoint.npz"))
+        expected = np.load(os.path.join(uninterrupted, done, "checkpoint.npz"))
+        with got, expected:
+            assert sorted(got.files) == sorted(expected.files)
+            keys = [k for k in expected.files if k.startswith("v")]
+            different = [k for k in keys if not np.array_equal(got[k], expected[k])]
+            assert not different, (done, len(different), len(keys))

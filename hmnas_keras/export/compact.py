@@ -79,16 +79,7 @@ class _Builder:
         return layer(x)
 
     def depthwise(self, source, x, name):
-        layer = keras.layers.DepthwiseConv2D(
-            source.kernel_size,
-            strides=source.strides,
-            padding=source.padding,
-            dilation_rate=source.dilation_rate,
-            use_bias=False,
-            name=name,
-        )
-        self.assignments.append((layer, [_numpy(source.kernel)]))
-        return layer(x)
+        return self.stacked_depthwise([source], x, name)
 
     def batch_norm(self, source, x, name, scale=None):
         """A copy of `source` (a BatchNormalization); `scale` multiplies its output exactly."""
