@@ -19,6 +19,11 @@ GlobalAveragePooling2D, Dense — and copies its weights:
 
 In inference mode its output equals the searched network's up to float
 rounding (the scale is applied inside BN instead of after it).
+
+`compact_model(network, fuse=True)`, what the export writes, computes each
+node as a few wide layers instead (`_fused_node`): the same function in about
+2.6x fewer layers, with concatenations padded to CHANNEL_ALIGNMENT zero
+channels; parameters and FLOPs are counted on the unfused form.
 """
 
 import itertools
