@@ -250,19 +250,61 @@ class UsageError(ValueError):
     """A mistake in how the command was called."""
 
 
+def _flag_of(prefix: str, field: str) -> str:
+    """The flag of a config section's field: --{prefix}F if it exists, else --F."""
+    return prefix + field if prefix + field in FLAGS else field
+
+
 def _section(cls, prefix: str = ""):
-    """The config section `cls` from the flags: field F is --{prefix}F if it exists, else --F."""
-    values = {}
-    for field in dataclasses.fields(cls):
-        name = prefix + field.name if prefix + field.name in FLAGS else field.name
-        values[field.name] = FLAGS[name].value
-    return cls(**values)
+    """The config section `cls` from the flags (see `_flag_of`)."""
+    return cls(**{f.name: FLAGS[_flag_of(prefix, f.name)].value for f in dataclasses.fields(cls)})
+
+
+# Config sections read by `_section`: (RunConfig field, class, flag prefix).
+SECTIONS = (
+    ("data", DataConfig, ""),
+    ("supernet", SupernetConfig, "supernet_"),
+    ("mask", MaskConfig, "mask_"),
+    ("finetune", FinetuneConfig, "finetune_"),
+)
+# The other flags of `config_from_flags`: flag -> (RunConfig field, its key or None).
+OTHER_FLAG_FIELDS = {
+    "num_cells": ("search_space", "num_cells"),
+    "channels": ("search_space", "channels"),
+    "num_nodes": ("search_space", "num_nodes"),
+    "ops": ("search_space", "op_names"),
+    "multi_level": ("search_space", "multi_level"),
+    **{flag: ("export", key) for flag, key in export_options.FLAG_FIELDS.items()},
+    **{
+        flag: (flag, None)
+        for flag in (
+            "phases",
+            "derivation",
+            "finetune_init",
+            "architecture",
+            "supernet_checkpoint",
+            "seed",
+            "strategy",
+            "deterministic",
+        )
+    },
+}
+
+
+def flag_fields() -> dict:
+    """flag -> [(RunConfig field, key or None)]: where each flag lands in the configuration
+    (--momentum, say, sets both the supernet's and the fine-tuning's)."""
+    fields = {flag: [place] for flag, place in OTHER_FLAG_FIELDS.items()}
+    for section, cls, prefix in SECTIONS:
+        for field in dataclasses.fields(cls):
+            fields.setdefault(_flag_of(prefix, field.name), []).append((section, field.name))
+    return fields
 
 
 def config_from_flags() -> RunConfig:
     """Turns the flags into the frozen run configuration."""
     return RunConfig(
-        data=_section(DataConfig),
+        **{section: _section(cls, prefix) for section, cls, prefix in SECTIONS},
         search_space=SearchSpace(
             num_cells=FLAGS.num_cells,
             channels=FLAGS.channels,
@@ -270,9 +312,6 @@ def config_from_flags() -> RunConfig:
             op_names=tuple(FLAGS.ops),
             multi_level=FLAGS.multi_level,
         ),
-        supernet=_section(SupernetConfig, "supernet_"),
-        mask=_section(MaskConfig, "mask_"),
-        finetune=_section(FinetuneConfig, "finetune_"),
         export=export_options.export_config(FLAGS),
         phases=tuple(FLAGS.phases),
         derivation=FLAGS.derivation,
@@ -363,41 +402,20 @@ def _changed_flags(saved: RunConfig) -> list[str]:
     if current is None:
         return given
     current_dict, saved_dict = current.to_dict(), saved.to_dict()
-    changed = []
-    for name in given:
-        values = [_config_value(config, name) for config in (current_dict, saved_dict)]
-        if values[0] is _UNKNOWN or json.dumps(values[0]) != json.dumps(values[1]):
-            changed.append(name)
-    return changed
+    fields = flag_fields()
 
+    def value(config, section, key):
+        return config[section] if key is None else config[section][key]
 
-_UNKNOWN = object()
-
-
-def _config_value(config: dict, flag: str):
-    """The value a flag sets in a RunConfig dict (_UNKNOWN when no field holds it)."""
-    sections = {
-        "supernet": "supernet_",
-        "mask": "mask_",
-        "finetune": "finetune_",
-        "data": "",
-        "search_space": "",
-        "export": "",
-    }
-    if flag in config and not isinstance(config[flag], dict):
-        return config[flag]
-    for section, prefix in sections.items():
-        values = config.get(section, {})
-        if flag.startswith(prefix) and flag[len(prefix) :] in values:
-            return values[flag[len(prefix) :]]
-    renamed = {"export_formats": ("export", "formats"), "ops": ("search_space", "op_names")}
-    if flag in renamed:
-        section, key = renamed[flag]
-        return config[section][key]
-    for values in config.values():
-        if isinstance(values, dict) and flag in values:
-            return values[flag]
-    return _UNKNOWN
+    return [
+        name
+        for name in given
+        if name not in fields
+        or any(
+            json.dumps(value(current_dict, *place)) != json.dumps(value(saved_dict, *place))
+            for place in fields[name]
+        )
+    ]
 
 
 def main(argv):

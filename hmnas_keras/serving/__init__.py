@@ -10,7 +10,7 @@ made unimportable.
 - `classifier`: `Classifier` (an exported model ready to classify images), `ServeError`;
 - `runtimes`: onnxruntime for `.onnx` / `.int8.onnx`, LiteRT for `.tflite` / `.int8.tflite`;
 - `cli`: `python -m hmnas_keras.serve` (files, folders, or `--port` for HTTP);
-- `http_server`: the Starlette application;
+- `http_server`: the Starlette application (`settings`: its limits and timeouts);
 - `metadata`: where an exported model keeps its class names and preprocessing.
 """
 

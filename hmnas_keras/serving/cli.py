@@ -17,6 +17,9 @@ import json
 import sys
 
 from hmnas_keras.serving.classifier import IMAGE_EXTENSIONS, Classifier, ServeError, find_images
+from hmnas_keras.serving.settings import ServerSettings
+
+DEFAULTS = ServerSettings()
 
 
 def format_table(results: list[dict]) -> str:
@@ -53,7 +56,9 @@ def parse_args(argv):
         help="Image files or folders (searched recursively).",
     )
     parser.add_argument("more_images", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per model call.")
+    parser.add_argument(
+        "--batch_size", type=int, default=DEFAULTS.batch_size, help="Images per model call."
+    )
     parser.add_argument("--top_k", type=int, default=5, help="Classes shown per image.")
     parser.add_argument(
         "--format", choices=("table", "jsonl"), default="table", help="Output format."
@@ -64,12 +69,15 @@ def parse_args(argv):
         "--host", default="127.0.0.1", help="Address the server binds (default 127.0.0.1)."
     )
     parser.add_argument(
-        "--max_images", type=int, default=64, help="Most images in one HTTP request."
+        "--max_images",
+        type=int,
+        default=DEFAULTS.max_images,
+        help="Most images in one HTTP request.",
     )
     parser.add_argument(
         "--max_request_bytes",
         type=int,
-        default=16 * 1024 * 1024,
+        default=DEFAULTS.max_request_bytes,
         help="Largest HTTP request body accepted.",
     )
     parser.add_argument(
@@ -90,19 +98,19 @@ def parse_args(argv):
     parser.add_argument(
         "--header_timeout",
         type=float,
-        default=10.0,
+        default=DEFAULTS.header_timeout,
         help="Seconds a connection may take to send complete request headers before it is closed.",
     )
     parser.add_argument(
         "--body_timeout",
         type=float,
-        default=30.0,
+        default=DEFAULTS.body_timeout,
         help="Seconds a request body may take to arrive (then HTTP 408).",
     )
     parser.add_argument(
         "--max_connections",
         type=int,
-        default=2048,
+        default=DEFAULTS.max_connections,
         help="Open connections beyond which new requests get HTTP 503.",
     )
     args = parser.parse_args(argv)
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
         )
         if args.port is not None:
             try:
-                from hmnas_keras.serving.http_server import ServerSettings, serve_forever
+                from hmnas_keras.serving.http_server import serve_forever
             except ImportError as error:
                 raise ServeError(
                     f"The HTTP server needs the http extra ({error.name} is missing): in a "

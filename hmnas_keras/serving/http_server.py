@@ -44,6 +44,7 @@ from starlette.routing import Route
 
 from hmnas_keras.serving.classifier import Classifier, ServeError
 from hmnas_keras.serving.runtimes import ImageTooLarge
+from hmnas_keras.serving.settings import ServerSettings
 
 TOP_K = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit accepts "²"
 # The longest a number of a JSON image may reasonably be written ("-0.12345678901234567, ").
@@ -120,7 +121,7 @@ async def _files_of_multipart(request: Request, body: bytes) -> list:
 class _Handlers:
     """The endpoints of one served classifier, with the request limits."""
 
-    def __init__(self, classifier: Classifier, settings: "ServerSettings"):
+    def __init__(self, classifier: Classifier, settings: ServerSettings):
         self.classifier = classifier
         self.max_images = settings.max_images
         self.max_request_bytes = settings.max_request_bytes
@@ -247,23 +248,6 @@ class _Handlers:
         except ClientDisconnect:  # the client left mid-body: nobody to answer
             return JSONResponse({"error": "The client disconnected."}, status_code=400)
         return JSONResponse({"predictions": predictions})
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerSettings:
-    """What one request may ask, and how long and how many connections the server waits on.
-
-    `max_request_pixels` default (None): 4 images of the classifier's
-    `max_image_pixels`.
-    """
-
-    max_images: int = 64
-    max_request_bytes: int = 16 * 1024 * 1024
-    max_request_pixels: int | None = None
-    batch_size: int = 64
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_connections: int = 2048
 
 
 def create_app(classifier: Classifier, settings: ServerSettings | None = None) -> Starlette:
