@@ -58,6 +58,22 @@ def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
     return np.clip(np.round(resized.numpy()), 0, 255).astype("uint8")
 
 
+def _resize_all(images: list[np.ndarray], image_size: int, chunk: int = 4096) -> list:
+    """`_resize` of each image, images of one shape resized together (one op per chunk)."""
+    resized = list(images)
+    by_shape = {}
+    for index, image in enumerate(images):
+        if image.shape[:2] != (image_size, image_size):
+            by_shape.setdefault(image.shape, []).append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), chunk):
+            part = indices[start : start + chunk]
+            batch = _resize(np.stack([images[i] for i in part]), image_size)
+            for i, image in zip(part, batch):
+                resized[i] = image
+    return resized
+
+
 def _decode_files(paths: list[str]) -> list[np.ndarray]:
     """Decodes image files in parallel; names the file that cannot be read."""
     dataset = tf.data.Dataset.from_tensor_slices(paths).map(
@@ -98,10 +114,7 @@ def _stack_images(images: list[np.ndarray], paths: list[str], image_size: int | 
             image = np.repeat(image, 3, axis=-1)
         prepared.append(image)
     if image_size:
-        prepared = [
-            image if image.shape[:2] == (image_size, image_size) else _resize(image, image_size)
-            for image in prepared
-        ]
+        prepared = _resize_all(prepared, image_size)
     sizes = {image.shape[:2] for image in prepared}
     if len(sizes) > 1:
         first = prepared[0].shape[:2]
@@ -174,11 +187,18 @@ def _image_files(split_dir: str, classes: list[str]) -> tuple[list[str], np.ndar
 
 
 def load_folder_arrays(
-    root: str | None, image_size: int | None = None, class_subset: int | None = None, seed: int = 0
+    root: str | None,
+    image_size: int | None = None,
+    class_subset: int | None = None,
+    seed: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
 ) -> ImageArrays:
     """Reads ROOT/{train,test}/<class>/*.{jpg,jpeg,png}; classes are the train sub-folders.
 
-    With `class_subset`, only that many classes (drawn by `seed`) are decoded.
+    With `class_subset`, only that many classes (drawn by `seed`) are decoded;
+    with `train_subset` / `test_subset`, only the images `make_search_data`
+    would keep of them (the same draw, so the arrays are the same).
     """
     if not root:
         raise DataError("--dataset=folder needs --data_dir=ROOT, a folder with train/ and test/.")
@@ -198,7 +218,15 @@ def load_folder_arrays(
                 f"The class folders of test/ ({', '.join(names)}) differ from those of train/ "
                 f"({', '.join(class_names)}). Both splits need the same class sub-folders."
             )
-        splits[split] = _image_files(split_dir, chosen)
+        paths, labels = _image_files(split_dir, chosen)
+        keep = (
+            _subset(seed, 0, len(paths), train_subset)
+            if split == "train"
+            else _subset(0, 1, len(paths), test_subset)
+        )
+        if keep is not None:
+            paths, labels = [paths[i] for i in keep], labels[keep]
+        splits[split] = paths, labels
     if len(class_names) < 2:
         raise DataError(
             f"{root} has one class ({class_names[0]}); classification needs at least 2."
@@ -275,7 +303,14 @@ def load_tfds_arrays(name: str, data_dir: str | None, image_size: int | None = N
 def load_arrays(config: DataConfig, seed: int = 0) -> ImageArrays:
     """Loads the dataset named by `config.dataset` into memory."""
     if config.dataset == "folder":
-        return load_folder_arrays(config.data_dir, config.image_size, config.class_subset, seed)
+        return load_folder_arrays(
+            config.data_dir,
+            config.image_size,
+            config.class_subset,
+            seed,
+            config.train_subset,
+            config.test_subset,
+        )
     if config.dataset == "digits":
         arrays = load_digits_arrays()
         if config.image_size and config.image_size != 8:
@@ -293,11 +328,19 @@ def load_arrays(config: DataConfig, seed: int = 0) -> ImageArrays:
 # ------------------------------------------------------------------ pipelines
 
 
-def _take(seed: int, stream: int, images: np.ndarray, labels: np.ndarray, count: int | None):
-    if count is None or count >= len(images):
-        return images, labels
-    order = np.random.default_rng([seed, stream]).permutation(len(images))[:count]
+def _subset(seed: int, stream: int, total: int, count: int | None) -> np.ndarray | None:
+    """The sorted indices of `count` of `total` examples drawn by (seed, stream); None: all."""
+    if count is None or count >= total:
+        return None
+    order = np.random.default_rng([seed, stream]).permutation(total)[:count]
     order.sort()
+    return order
+
+
+def _take(seed: int, stream: int, images: np.ndarray, labels: np.ndarray, count: int | None):
+    order = _subset(seed, stream, len(images), count)
+    if order is None:
+        return images, labels
     return images[order], labels[order]
 
 

@@ -233,3 +233,48 @@ def test_class_subset_keeps_n_classes_drawn_by_seed(tmp_path):
         load_arrays(DataConfig(dataset="digits", class_subset=3), seed=1).class_names
         == digits.class_names
     )
+
+
+def test_folder_subsets_decode_only_the_images_kept_and_resize_the_same(tmp_path):
+    # --train_subset/--test_subset decode only the kept files; the arrays equal those of
+    # decoding everything and drawing the subsets afterwards. Mixed sizes are resized in
+    # batches per shape, each image exactly as on its own.
+    root = make_folder(str(tmp_path), size=(7, 7), per_class=12, classes=("a", "b", "c"))
+    write_image(os.path.join(root, "train", "b", "wide.png"), np.full((5, 9, 3), 77, np.uint8))
+    config = DataConfig(
+        dataset="folder",
+        data_dir=root,
+        image_size=4,
+        train_subset=20,
+        test_subset=9,
+        batch_size=4,
+    )
+    decoded = []
+    real_decode = data_module._decode_files
+    with mock.patch.object(
+        data_module, "_decode_files", lambda paths: decoded.append(len(paths)) or real_decode(paths)
+    ):
+        data = make_search_data(config, seed=5)
+    assert decoded == [20 + 9]
+    full = load_folder_arrays(root, image_size=4)
+    expected = make_search_data(config, seed=5, arrays=full)
+    for name in (
+        "weight_images",
+        "weight_labels",
+        "arch_images",
+        "arch_labels",
+        "test_images",
+        "test_labels",
+        "mean",
+        "std",
+    ):
+        np.testing.assert_array_equal(getattr(data, name), getattr(expected, name), err_msg=name)
+    rng = np.random.default_rng(1)
+    images = [
+        rng.integers(0, 255, shape, dtype=np.uint8)
+        for shape in [(7, 7, 3)] * 5 + [(5, 9, 3)] * 2 + [(4, 4, 3)]
+    ]
+    batched = data_module._resize_all(images, 4, chunk=3)
+    for image, resized in zip(images, batched):
+        one = image if image.shape[:2] == (4, 4) else data_module._resize(image, 4)
+        np.testing.assert_array_equal(resized, one)
