@@ -58,6 +58,15 @@ def test_policy_is_reproducible_and_follows_its_probability():
     assert np.mean(decisions[6:]) == pytest.approx(0.3, abs=0.03)
 
 
+def test_sigma_counts_iterations_from_the_start_of_training():
+    # The paper's p = σ(iter): iter counts warm-up iterations too. σ = 1 for 8 iterations,
+    # then 0: with 5 warm-up iterations only iterations 5, 6, 7 take arch steps.
+    policy = ArchStepPolicy(warmup_steps=5, schedule=ArchStepSchedule("step", 0.0, 8))
+    assert [policy.should_step(i) for i in range(12)] == [False] * 5 + [True] * 3 + [False] * 4
+    linear = ArchStepPolicy(warmup_steps=4, schedule=ArchStepSchedule("linear", 0.0, 8))
+    assert [linear.probability(i) for i in (3, 4, 6, 8)] == [0.0, 0.5, 0.25, 0.0]
+
+
 def test_schedule_validation():
     with pytest.raises(ValueError, match="expected one of constant"):
         ArchStepSchedule("exponential")

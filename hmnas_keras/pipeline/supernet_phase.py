@@ -51,7 +51,7 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
     train = config.supernet
     keras.utils.set_random_seed(config.seed)
     steps_per_epoch = data.steps_per_epoch
-    decay_epochs = train.arch_step_decay_epochs or max(train.epochs - train.warmup_epochs, 1)
+    decay_epochs = train.arch_step_decay_epochs or train.epochs
     policy = ArchStepPolicy(
         warmup_steps=train.warmup_epochs * steps_per_epoch,
         schedule=ArchStepSchedule(

@@ -1,7 +1,9 @@
 """σ: when the supernet takes an architecture step (paper §3.2, "stochastic updates").
 
-After warm-up, each iteration also updates α and β with probability σ(t),
-σ non-increasing with σ(0) = 1. The decision is drawn on the host from a
+After warm-up, iteration t also updates α and β with probability σ(t),
+σ non-increasing with σ(0) = 1, t counted from the start of training as in
+the paper (so a decay that begins at t = 0 has already begun when warm-up
+ends). The decision is drawn on the host from a
 generator seeded by (seed, iteration), so a resumed run takes exactly the
 decisions an uninterrupted one would. Plain Python and numpy: no TensorFlow.
 """
@@ -16,7 +18,7 @@ SCHEDULES = ("constant", "linear", "cosine", "step")
 
 @dataclasses.dataclass(frozen=True)
 class ArchStepSchedule:
-    """σ(t): the probability of an architecture step t iterations after warm-up.
+    """σ(t): the probability of an architecture step at iteration t of training.
 
     σ(0) = 1 and σ is non-increasing:
     - constant: 1 forever;
@@ -74,7 +76,7 @@ class ArchStepPolicy:
     def probability(self, iteration: int) -> float:
         if iteration < self.warmup_steps:
             return 0.0
-        return self.schedule(iteration - self.warmup_steps)
+        return self.schedule(iteration)
 
     def should_step(self, iteration: int) -> bool:
         probability = self.probability(iteration)
