@@ -108,7 +108,7 @@ class SupernetConfig:
     second_order: bool = False
     arch_step_schedule: str = "constant"
     arch_step_final_prob: float = 0.0
-    # Iterations over which σ decays, in epochs; 0 means all epochs after warm-up.
+    # Iterations over which σ decays, in epochs from the start of training; 0: all epochs.
     arch_step_decay_epochs: int = 0
     # Evaluate on the test split every this many epochs (0: only after the last).
     test_every: int = 1
@@ -297,6 +297,10 @@ class RunConfig:
     a trained supernet from another run for runs without the supernet phase.
     `deterministic`: TensorFlow's op determinism on top of the seeds, so that a
     run (and a killed, resumed one) gives bitwise the same result.
+    `scratch_masks`: with `finetune_init="scratch"`, keep the architecture's
+    weight masks (the paper's random-initialisation baseline: the same pruned
+    network, re-initialised); False trains every weight of the kept ops.
+    `random_sample`: which of the random architectures of a seed to draw.
     """
 
     data: DataConfig = DataConfig()
@@ -313,8 +317,15 @@ class RunConfig:
     seed: int = 0
     strategy: str = "default"
     deterministic: bool = False
+    scratch_masks: bool = True
+    random_sample: int = 0
 
     def __post_init__(self):
+        if self.random_sample < 0:
+            raise ValueError(
+                f"Received an invalid --random_sample, expected an index >= 0. "
+                f"Received: {self.random_sample}"
+            )
         if self.derivation not in DERIVATIONS:
             raise ValueError(
                 f"Received an unknown derivation, expected one of {', '.join(DERIVATIONS)}. "
@@ -369,4 +380,7 @@ class RunConfig:
             seed=values["seed"],
             strategy=values["strategy"],
             deterministic=values.get("deterministic", False),
+            # Runs written before --scratch_masks existed trained from scratch densely.
+            scratch_masks=values.get("scratch_masks", False),
+            random_sample=values.get("random_sample", 0),
         )

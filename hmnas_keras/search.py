@@ -63,6 +63,20 @@ flags.DEFINE_enum(
     FINETUNE_INITS,
     "Fine-tune from the supernet's (masked) weights, or train from scratch.",
 )
+flags.DEFINE_bool(
+    "scratch_masks",
+    True,
+    "With --finetune_init=scratch: keep the architecture's weight masks, so the same pruned "
+    "network is re-initialised (the paper's random-initialisation baseline, Table 6); "
+    "--noscratch_masks trains every weight of the kept ops.",
+)
+flags.DEFINE_integer(
+    "random_sample",
+    0,
+    "With --derivation=random: which random architecture of this seed to draw (0, 1, ...), "
+    "so that one seed's supernet serves several.",
+    lower_bound=0,
+)
 flags.DEFINE_string(
     "architecture",
     None,
@@ -161,7 +175,11 @@ flags.DEFINE_float(
     upper_bound=1,
 )
 flags.DEFINE_integer(
-    "arch_step_decay_epochs", 0, "Epochs over which σ decays (0: all after warm-up).", lower_bound=0
+    "arch_step_decay_epochs",
+    0,
+    "Epochs over which σ decays, counted from the start of training as in the paper "
+    "(0: all epochs).",
+    lower_bound=0,
 )
 # Hierarchical masking.
 flags.DEFINE_integer("mask_epochs", 20, "Hierarchical masking epochs.", lower_bound=1)
@@ -286,6 +304,8 @@ OTHER_FLAG_FIELDS = {
             "seed",
             "strategy",
             "deterministic",
+            "scratch_masks",
+            "random_sample",
         )
     },
 }
@@ -321,6 +341,8 @@ def config_from_flags() -> RunConfig:
         seed=FLAGS.seed,
         strategy=FLAGS.strategy,
         deterministic=FLAGS.deterministic,
+        scratch_masks=FLAGS.scratch_masks,
+        random_sample=FLAGS.random_sample,
     )
 
 

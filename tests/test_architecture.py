@@ -153,6 +153,44 @@ def test_random_architecture_is_darts_shaped_and_seeded():
     assert (alpha.sum(axis=1) == beta).all()
 
 
+def test_darts_and_random_cells_have_unit_weights_and_hmnas_cells_keep_softmax():
+    from hmnas_keras.config import RunConfig
+    from hmnas_keras.pipeline.derive_phase import derived_cells, derived_masks
+
+    rng = np.random.default_rng(0)
+    softmax = {
+        cell_type: (rng.dirichlet(np.ones(3), size=5), rng.uniform(0.2, 0.6, size=5))
+        for cell_type in SMALL.present_cell_types
+    }
+    supernet = types.SimpleNamespace(
+        op_weights=lambda cell_type: softmax[cell_type][0],
+        edge_weights=lambda cell_type: softmax[cell_type][1],
+    )
+    weights = {}
+    for derivation, sample in (("darts", 0), ("random", 0), ("random", 1), ("masks", 0)):
+        config = RunConfig(
+            search_space=SMALL, derivation=derivation, phases=("finetune",), random_sample=sample
+        )
+        learned = {"alpha": {t: np.ones((5, 3), bool) for t in softmax}, "beta": {}}
+        masks = derived_masks(config, supernet, learned if derivation == "masks" else None)
+        cells = derived_cells(config, supernet, masks)
+        weights[derivation, sample] = [
+            (edge["weight"], op["weight"])
+            for cell in cells.values()
+            for edge in cell["edges"]
+            for op in edge["ops"]
+        ]
+        if derivation == "random":
+            weights[derivation, sample, "masks"] = [m.tolist() for m in masks["alpha"].values()]
+    # Two nodes of two edges, one op each, per cell type; every weight 1.
+    assert len(weights["darts", 0]) == 4 * len(SMALL.present_cell_types)
+    assert set(weights["darts", 0]) == {(1.0, 1.0)}
+    assert set(weights["random", 0]) == {(1.0, 1.0)}
+    # Sample 0 is the architecture drawn before --random_sample; sample 1 another one.
+    assert weights["random", 0, "masks"] != weights["random", 1, "masks"]
+    assert all(0 < op < 1 and 0 < edge < 1 for edge, op in weights["masks", 0])
+
+
 def _masked_supernet(seed=0, prune=0.3, space=SPACE):
     keras.utils.set_random_seed(seed)
     supernet = Supernet(space, 3, name="supernet")

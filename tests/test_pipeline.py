@@ -1,6 +1,7 @@
 """The whole pipeline (supernet -> mask -> finetune -> export) and its baselines, from the CLI."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -80,7 +81,7 @@ def rows_of(workdir, *path):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
-    result = search(workdir)
+    result = search(workdir, "--deterministic")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, result
 
@@ -201,19 +202,35 @@ def test_the_hmnas_architecture_retrained_from_scratch(pipeline, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     original = load(source, "architecture.json")
     copied = load(workdir, "architecture.json")
-    assert copied["cells"] == original["cells"] and copied["weight_masks"] is None
+    # The paper's random initialisation: the same pruned network, its weight masks kept.
+    assert copied["cells"] == original["cells"]
+    assert copied["weight_masks"] == original["weight_masks"] == "mask/weight_masks.npz"
+    with np.load(os.path.join(source, "mask", "weight_masks.npz")) as a:
+        with np.load(os.path.join(workdir, "mask", "weight_masks.npz")) as b:
+            assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
     report = load(workdir, "report.json")
     assert report["finetune_init"] == "scratch"
     assert list(report["rows"]) == ["supernet", "finetuned"]  # no searched row without weights
     finetune = load(workdir, "finetune", "summary.json")
-    assert "pruned_weights_zero" not in finetune
+    assert finetune["pruned_weights_zero"] is True
+    hmnas = load(source, "finetune", "summary.json")
+    assert finetune["parameters"] == hmnas["parameters"]  # non-zero and dense
+    assert finetune["parameters"]["nonzero"] < finetune["parameters"]["dense"]
     # It started from fresh weights: the network fine-tuning builds holds none of the
     # (masked) supernet's kernels, where an inherited start holds them all.
     from hmnas_keras.architecture.searched_network import to_searched
     from hmnas_keras.checkpoint import relative_path
     from hmnas_keras.data import make_search_data
+    from hmnas_keras.pipeline.derive_phase import _copy_architecture
     from hmnas_keras.pipeline.finetune_phase import build_finetune
     from hmnas_keras.pipeline.workdir import Workdir
+
+    # --noscratch_masks: every weight of the kept ops trains.
+    dense = Workdir(str(tmp_path / "dense"))
+    config = dataclasses.replace(Workdir(workdir).read_config(), scratch_masks=False)
+    _copy_architecture(config, dense)
+    assert load(dense.root, "architecture.json")["weight_masks"] is None
+    assert not os.path.exists(dense.weight_masks)
 
     inherited = to_searched(original, Workdir(source).masked_supernet_arrays())
     for run_dir, init in ((workdir, "scratch"), (source, "inherited")):
@@ -275,22 +292,29 @@ def test_killed_mask_phase_resumes_with_a_continuous_history(pipeline, tmp_path)
     flags = [
         "--phases=mask",
         f"--supernet_checkpoint={os.path.join(source, 'supernet', 'checkpoint.npz')}",
-        "--mask_epochs=3",
         "--checkpoint_every_steps=3",
+        "--deterministic",
     ]
-    _kill_during(workdir, "mask", flags, at_step=15)
+    _kill_during(workdir, "mask", flags, at_step=9)
     checkpoint = os.path.join(workdir, "mask", "checkpoint.npz")
     state = read_state(checkpoint)
-    assert 15 <= state["global_step"] < 36 and not state["finished"]
+    assert 9 <= state["global_step"] < 24 and not state["finished"]
 
     resumed = search(workdir, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"Resuming the mask phase at epoch {state['epoch'] + 1}" in resumed.stdout
-    assert [int(r["epoch"]) for r in rows_of(workdir, "mask", "metrics.csv")] == [1, 2, 3]
+    rows = rows_of(workdir, "mask", "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     final = read_state(checkpoint)
-    assert final["finished"] and final["global_step"] == 36
-    assert load(workdir, "mask", "summary.json")["steps"] == 36
-    assert os.path.exists(os.path.join(workdir, "architecture.json"))
+    assert final["finished"] and final["global_step"] == 24
+    assert load(workdir, "mask", "summary.json")["steps"] == 24
+    # Determinism: the same seed and flags, killed and resumed in another process, give the
+    # pipeline's masks exactly: the same architecture.json and the same metrics.
+    assert load(workdir, "architecture.json") == load(source, "architecture.json")
+    expected = rows_of(source, "mask", "metrics.csv")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in expected
+    ]
 
 
 def test_channel_masks_reach_a_flops_target_and_shrink_the_export(pipeline, tmp_path):

@@ -8,7 +8,10 @@
 - A random architecture (`random_masks`, `--derivation=random`): a
   DARTS-shaped random cell from the same space, drawn by seed.
 - Random initialisation (`--finetune_init=scratch`): a searched network
-  trained from fresh weights instead of the supernet's.
+  trained from fresh weights instead of the supernet's, its weight masks
+  kept (the same pruned network; `--noscratch_masks` trains it dense).
+
+The DARTS and random cells are discrete: each kept op and edge has weight 1.
 
 Each returns binary masks (M_α [num_edges, num_ops], M_β [num_edges]) that
 `hmnas_keras.architecture.derivation.derive_cell` turns into a cell. Plain

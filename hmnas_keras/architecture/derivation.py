@@ -16,9 +16,10 @@ The derivations (`DERIVATIONS`):
 - "masks": the binary masks learned by hierarchical masking (HM-NAS);
 - "darts", "random": the baselines of `hmnas_keras.architecture.baselines`.
 
-The surviving op and edge weights (M_α ⊙ softmax(α*), M_β ⊙ softmax(β*)) are
-kept as fixed scales, taken from the trained supernet (for a random
-architecture without one, from a fresh supernet: nearly uniform).
+With "masks" the surviving op and edge weights (M_α ⊙ softmax(α*),
+M_β ⊙ softmax(β*)) are kept as fixed scales, taken from the trained supernet;
+"darts" and "random" give discrete DARTS cells, every kept op and edge with
+weight 1 (DARTS keeps no softmax scales; paper §1, Table 5).
 Plain numpy: no TensorFlow.
 """
 

@@ -69,7 +69,9 @@ def derived_masks(config: RunConfig, supernet: Supernet, binary_masks: dict | No
     baselines derive them from the supernet's softmax(α), softmax(β).
     """
     space = config.search_space
-    rng = np.random.default_rng([config.seed, 11])
+    # Sample 0 draws the architecture that runs before --random_sample drew.
+    sample = [config.random_sample] if config.random_sample else []
+    rng = np.random.default_rng([config.seed, 11, *sample])
     masks = {"alpha": {}, "beta": {}}
     for cell_type in space.present_cell_types:
         op_weights = ops.convert_to_numpy(supernet.op_weights(cell_type))
@@ -87,13 +89,22 @@ def derived_masks(config: RunConfig, supernet: Supernet, binary_masks: dict | No
 
 
 def derived_cells(config: RunConfig, supernet: Supernet, masks: dict) -> dict:
-    """Per cell type, the architecture.json entry of the derived α and β `masks`."""
+    """Per cell type, the architecture.json entry of the derived α and β `masks`.
+
+    HM-NAS keeps M_α ⊙ softmax(α*) and M_β ⊙ softmax(β*) as the op and edge
+    weights (§3.3); the DARTS heuristic and random cells are discrete DARTS
+    cells: one op per edge with weight 1, two edges per node with weight 1.
+    """
     space = config.search_space
     cells = {}
     for cell_type in space.present_cell_types:
-        op_weights = ops.convert_to_numpy(supernet.op_weights(cell_type))
-        edge_weights = ops.convert_to_numpy(supernet.edge_weights(cell_type))
         alpha_mask, beta_mask = masks["alpha"][cell_type], masks["beta"].get(cell_type)
+        if config.derivation == "masks":
+            op_weights = ops.convert_to_numpy(supernet.op_weights(cell_type))
+            edge_weights = ops.convert_to_numpy(supernet.edge_weights(cell_type))
+        else:
+            op_weights = np.ones(alpha_mask.shape, "float32")
+            edge_weights = np.ones(alpha_mask.shape[:1], "float32")
         beta_applied = np.ones_like(edge_weights) if beta_mask is None else beta_mask
         cells[cell_type] = derive_cell(
             space.op_names,
@@ -238,14 +249,28 @@ def write_searched_summary(
     return summary
 
 
+def _copy_architecture(config: RunConfig, workdir: Workdir) -> None:
+    """Copies --architecture (and, with --scratch_masks, its weight masks) into the workdir."""
+    architecture = arch_json.read_architecture(config.architecture)
+    if architecture.get("weight_masks") and config.scratch_masks:
+        source = Workdir(os.path.dirname(os.path.abspath(config.architecture)))
+        masks = read_weight_masks(source, architecture)
+        os.makedirs(os.path.dirname(workdir.weight_masks), exist_ok=True)
+        np.savez_compressed(
+            workdir.weight_masks, **{p: m.astype("uint8") for p, m in masks.items()}
+        )
+        architecture["weight_masks"] = Workdir.WEIGHT_MASKS
+    else:
+        architecture["weight_masks"] = None  # every weight of the kept ops trains
+    arch_json.write_architecture(architecture, workdir.architecture)
+
+
 def prepare_architecture(config: RunConfig, data: SearchData, workdir: Workdir) -> None:
     """Makes sure WORKDIR/architecture.json exists before fine-tuning (deriving it if needed)."""
     if os.path.exists(workdir.architecture):
         return
     if config.architecture:
-        architecture = arch_json.read_architecture(config.architecture)
-        architecture["weight_masks"] = None  # trained from scratch: dense weights
-        arch_json.write_architecture(architecture, workdir.architecture)
+        _copy_architecture(config, workdir)
         return
     if config.derivation == "masks":
         raise arch_json.ArchitectureError(

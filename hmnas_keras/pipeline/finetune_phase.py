@@ -3,9 +3,10 @@
 The network is built from `WORKDIR/architecture.json`. With
 `--finetune_init=inherited` (HM-NAS) it starts from the masked supernet's
 weights, pruned weights held at exactly zero by constant masks; with
-`--finetune_init=scratch` from fresh initial weights (the paper's
-random-initialisation baseline). α*, β* and the masks stay fixed; SGD with
-cosine decay and cutout (`--cutout_size`).
+`--finetune_init=scratch` from fresh initial weights with the same weight
+masks (the paper's random-initialisation baseline; `--noscratch_masks`: dense).
+α*, β* and the masks stay fixed; SGD with cosine decay and cutout
+(`--cutout_size`).
 
 Artifacts under `WORKDIR/finetune/`: `checkpoint.npz` (network weights, BN
 statistics, optimizer state, metric accumulators, epoch, step), `metrics.csv`,
@@ -74,6 +75,7 @@ def build_finetune(config: RunConfig, data: SearchData, workdir: Workdir, archit
     network = SearchedNetwork(architecture, name=SEARCHED_MODEL).build_network()
     if config.finetune_init == "inherited":
         inherit_weights(network, architecture, inherited_arrays(workdir, architecture))
+    if _keeps_weight_masks(config):
         masks = read_weight_masks(workdir, architecture)
         if masks is not None:
             network.apply_weight_masks(to_searched(architecture, masks))
@@ -92,6 +94,11 @@ def build_finetune(config: RunConfig, data: SearchData, workdir: Workdir, archit
     )
     finetune.build_finetune()
     return finetune
+
+
+def _keeps_weight_masks(config: RunConfig) -> bool:
+    """Whether pruned weights stay zero: inherited weights, or scratch with --scratch_masks."""
+    return config.finetune_init == "inherited" or config.scratch_masks
 
 
 def _read_trainable_architecture(workdir: Workdir) -> dict:
@@ -119,7 +126,7 @@ def _summary(config, data, workdir, architecture, finetune, test, state) -> dict
         "wall_seconds": round(state["elapsed_seconds"], 2),
     }
     masks = read_weight_masks(workdir, architecture)
-    if masks is not None and config.finetune_init == "inherited":
+    if masks is not None and _keeps_weight_masks(config):
         summary["pruned_weights_zero"] = pruned_weights_are_zero(
             network, to_searched(architecture, masks)
         )
