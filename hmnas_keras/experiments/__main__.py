@@ -57,7 +57,13 @@ def _check_workdir(files: plans.ExperimentFiles, record: dict) -> None:
     """Refuses a workdir made for another plan, or one that is not an experiment's."""
     root = files.root
     if os.path.exists(files.plan):
-        saved = results.read_json_if_exists(files.plan)
+        try:
+            saved = results.read_json_if_exists(files.plan)
+        except (OSError, ValueError) as error:
+            raise plans.PlanError(
+                f"Cannot read {files.plan} ({error}): the experiment's plan is damaged. Restore "
+                "it, or choose a new --workdir (nothing was changed)."
+            ) from None
         differences = plans.plan_differences(saved, record)
         if differences:
             raise plans.PlanError(
