@@ -1,23 +1,39 @@
-"""Speed and memory of one supernet iteration, on synthetic CIFAR-sized data.
+"""Speed and memory of every phase's step, each kind in a process of its own.
 
     python tools/benchmark.py --channels=8 --num_cells=3 --batch_size=32
-    python tools/benchmark.py --channels=36 --num_cells=3 --batch_size=32 --steps=10
+    python tools/benchmark.py --channels=16 --num_cells=8 --batch_size=64 --kinds=weight,first_order
+    python tools/benchmark.py --channels=8 --num_cells=3 --json_out=runs/bench.jsonl
 
-Prints, for the weight step alone, the weight step plus a first-order
-architecture step, and the weight step plus a second-order architecture step:
-the first call's time (tracing and compiling), then the median ms per
-iteration and images/s over --steps timed iterations, and the peak resident
-memory of the process after each kind. The architecture step's own cost is the
-difference between the second or third row and the first.
+Kinds (--kinds): the supernet's weight step (`weight`), weight + first-order and
+weight + second-order architecture step (`first_order`, `second_order`), the
+hierarchical-masking step (`mask`), the fine-tuning step of a derived network
+(`finetune`, a DARTS-shaped cell drawn by seed 0) and the supernet's
+evaluation step (`eval`). Each is built by the same code as its phase
+(`build_search`, `build_masked_search`, `build_finetune`, the evaluation
+trainer) on synthetic CIFAR-sized data, and runs in its own process, so that
+its peak resident memory is its own.
+
+For each: the first call split into tracing (Python tracing and building the
+graph: `get_concrete_function`) and the first execution (graph optimisation,
+kernel creation and one step; "first run - median" estimates the one-time part),
+then the median ms and images/s over --steps timed calls, and the peak RSS.
+The step runs as a `tf.function` over one batch, as the phases' steps do.
+--json_out=FILE appends one JSON line per kind: kind, first_call_s,
+tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib.
 """
 
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
+
+from hmnas_keras import quiet_logs  # noqa: F401  (first: before TensorFlow loads)
 
 flags.DEFINE_integer("channels", 8, "Initial channels C.", lower_bound=1)
 flags.DEFINE_integer("num_cells", 3, "Cells.", lower_bound=1)
@@ -25,7 +41,7 @@ flags.DEFINE_integer("num_nodes", 4, "Intermediate nodes per cell.", lower_bound
 flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
 flags.DEFINE_integer("image_size", 32, "Image height and width.", lower_bound=4)
 flags.DEFINE_integer("num_classes", 10, "Classes.", lower_bound=2)
-flags.DEFINE_integer("steps", 10, "Timed iterations per kind (after one untimed).", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "Timed calls per kind (after the first).", lower_bound=1)
 flags.DEFINE_integer(
     "threads", 0, "TensorFlow intra-op threads (0: half the cores).", lower_bound=0
 )
@@ -33,94 +49,209 @@ KINDS = {
     "weight": "weight step",
     "first_order": "weight + arch (1st)",
     "second_order": "weight + arch (2nd)",
+    "mask": "mask step",
+    "finetune": "fine-tuning step",
+    "eval": "evaluation step",
 }
-flags.DEFINE_multi_enum("kinds", list(KINDS), list(KINDS), "Which iterations to time.")
+flags.DEFINE_multi_string(
+    "kinds",
+    list(KINDS),
+    f"Which steps to time, of: {', '.join(KINDS)} (a comma list, or the flag repeated).",
+)
+flags.DEFINE_string("json_out", None, "Append one JSON line per kind to this file.")
+flags.DEFINE_string("one_kind", None, "(internal) measure this kind in this process.")
 FLAGS = flags.FLAGS
+OWN_FLAGS = (
+    "channels",
+    "num_cells",
+    "num_nodes",
+    "batch_size",
+    "image_size",
+    "num_classes",
+    "steps",
+    "threads",
+)
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _kinds(values) -> list[str]:
+    return [kind for value in values for kind in value.split(",") if kind]
 
 
-def time_kind(kind: str) -> dict:
-    import keras
+flags.register_validator(
+    "kinds",
+    lambda values: bool(_kinds(values)) and all(kind in KINDS for kind in _kinds(values)),
+    message=f"--kinds takes a comma list of: {', '.join(KINDS)}.",
+)
+
+
+def _config():
+    from hmnas_keras.config import DataConfig, FinetuneConfig, MaskConfig, RunConfig
+    from hmnas_keras.space.search_space import SearchSpace
+
+    return RunConfig(
+        data=DataConfig(dataset="synthetic", batch_size=FLAGS.batch_size, augment=False),
+        search_space=SearchSpace(
+            num_cells=FLAGS.num_cells, channels=FLAGS.channels, num_nodes=FLAGS.num_nodes
+        ),
+        mask=MaskConfig(epochs=1),
+        finetune=FinetuneConfig(epochs=1),
+        phases=("finetune",),
+    )
+
+
+def _data(config):
+    """Synthetic CIFAR-sized images: enough for a few batches of each part of the split."""
+    import numpy as np
+
+    from hmnas_keras.data import ImageArrays, make_search_data
+
+    rng = np.random.default_rng(0)
+    count = 8 * FLAGS.batch_size
+    shape = (FLAGS.image_size, FLAGS.image_size, 3)
+    arrays = ImageArrays(
+        rng.integers(0, 255, (count, *shape), dtype=np.uint8),
+        rng.integers(0, FLAGS.num_classes, count).astype("int32"),
+        rng.integers(0, 255, (FLAGS.batch_size, *shape), dtype=np.uint8),
+        rng.integers(0, FLAGS.num_classes, FLAGS.batch_size).astype("int32"),
+        [str(i) for i in range(FLAGS.num_classes)],
+    )
+    return make_search_data(config.data, 0, arrays)
+
+
+def _step_and_batch(kind: str):
+    """(the step as a function of one batch, the batch, network weights) of `kind`."""
+    import dataclasses
+    import shutil
+
+    config = _config()
+    data = _data(config)
+
+    def batch_of(dataset):
+        return next(iter(dataset))
+
+    if kind in ("weight", "first_order", "second_order"):
+        from hmnas_keras.pipeline.supernet_phase import build_search
+
+        supernet = dataclasses.replace(config.supernet, second_order=kind == "second_order")
+        search = build_search(dataclasses.replace(config, supernet=supernet), data)
+        take_arch_step = kind != "weight"
+        return (
+            lambda batch: search._bilevel_step(batch, take_arch_step),
+            batch_of(data.bilevel_dataset(1)),
+            search.supernet.weight_variables,
+        )
+    if kind == "mask":
+        from hmnas_keras.pipeline.mask_phase import build_masked_search
+
+        masked = build_masked_search(dataclasses.replace(config, phases=("mask",)), data, None)
+        return masked.train_step, batch_of(data.train_dataset(1)), masked.supernet.weight_variables
+    if kind == "finetune":
+        from hmnas_keras.pipeline.derive_phase import build_supernet, derive_architecture
+        from hmnas_keras.pipeline.finetune_phase import build_finetune
+        from hmnas_keras.pipeline.workdir import Workdir
+
+        random = dataclasses.replace(config, derivation="random", finetune_init="scratch")
+        workdir = Workdir(tempfile.mkdtemp(prefix="hmnas-benchmark-"))
+        architecture, _ = derive_architecture(
+            random, data, workdir, build_supernet(random, data), inherit=False
+        )
+        finetune = build_finetune(random, data, workdir, architecture)
+        shutil.rmtree(workdir.root)
+        return (
+            finetune.train_step,
+            batch_of(data.train_dataset(1)),
+            finetune.network.trainable_variables,
+        )
+    from hmnas_keras.pipeline.derive_phase import build_supernet
+    from hmnas_keras.training.trainer import NetworkTrainer
+
+    supernet = build_supernet(config, data)
+    evaluator = NetworkTrainer(supernet, name="evaluate")
+    evaluator.compile(jit_compile=False)
+    return evaluator.test_step, batch_of(data.test_dataset()), supernet.weight_variables
+
+
+def measure(kind: str) -> dict:
+    """Times `kind` in this process (see the module doc)."""
     import numpy as np
     import tensorflow as tf
 
-    from hmnas_keras.space.search_space import SearchSpace
-    from hmnas_keras.space.supernet import Supernet
-    from hmnas_keras.training.arch_step import ArchStepPolicy
-    from hmnas_keras.training.bilevel import BilevelSearch
+    from hmnas_keras.runtime import configure_tensorflow
 
-    keras.utils.set_random_seed(0)
-    space = SearchSpace(
-        num_cells=FLAGS.num_cells, channels=FLAGS.channels, num_nodes=FLAGS.num_nodes
-    )
-    # The weight-only kind never leaves warm-up; the others step α/β every iteration.
-    policy = ArchStepPolicy(warmup_steps=10**9 if kind == "weight" else 0)
-    search = BilevelSearch(
-        Supernet(space, FLAGS.num_classes), policy, second_order=kind == "second_order"
-    )
-    search.compile(
-        keras.optimizers.SGD(0.025, momentum=0.9), keras.optimizers.Adam(3e-4, beta_1=0.5)
-    )
-    shape = (FLAGS.image_size, FLAGS.image_size, 3)
-    search.build_search(shape)
-    rng = np.random.default_rng(0)
-    batch = FLAGS.batch_size
+    configure_tensorflow(FLAGS.threads)
+    step, batch, weights = _step_and_batch(kind)
+    function = tf.function(step, reduce_retracing=True, autograph=False)
 
-    def sample():
-        return (
-            rng.normal(size=(batch, *shape)).astype("float32"),
-            rng.integers(0, FLAGS.num_classes, batch).astype("int32"),
-        )
-
-    data = tf.data.Dataset.from_tensors((sample(), sample())).repeat()
-    iterator = iter(data)
-    train_function = search.make_train_function()
-
-    def one_iteration() -> float:
+    def run() -> float:
         started = time.perf_counter()
-        logs = train_function(iterator)
+        logs = function(batch)
         float(logs["loss"])  # waits for the step to finish
         return time.perf_counter() - started
 
-    first = one_iteration()
-    times = [one_iteration() for _ in range(FLAGS.steps)]
+    started = time.perf_counter()
+    function.get_concrete_function(batch)
+    tracing = time.perf_counter() - started
+    first = run()
+    times = [run() for _ in range(FLAGS.steps)]
     median = statistics.median(times)
     return {
-        "first_s": first,
-        "median_ms": 1000 * median,
-        "images_per_s": batch / median,
-        "peak_rss_mib": peak_rss_mib(),
-        "weights": sum(int(np.prod(v.shape)) for v in search.supernet.weight_variables),
+        "kind": kind,
+        "first_call_s": round(tracing + first, 3),
+        "tracing_s": round(tracing, 3),
+        "first_execution_s": round(first, 3),
+        "one_time_s": round(max(first - median, 0.0), 3),
+        "median_ms": round(1000 * median, 2),
+        "images_per_s": round(FLAGS.batch_size / median, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "weights": sum(int(np.prod(v.shape)) for v in weights),
     }
+
+
+def _in_own_process(kind: str) -> dict:
+    """`measure(kind)` in a fresh Python process (its own peak RSS)."""
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *(FLAGS[name].serialize() for name in OWN_FLAGS),
+        f"--one_kind={kind}",
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if FLAGS.one_kind:
+        print(json.dumps(measure(FLAGS.one_kind)), flush=True)
+        return 0
     import tensorflow as tf
 
-    from hmnas_keras.runtime import configure_tensorflow
-
-    intra_op, inter_op = configure_tensorflow(FLAGS.threads)
     print(
         f"C={FLAGS.channels} cells={FLAGS.num_cells} nodes={FLAGS.num_nodes} "
         f"B={FLAGS.batch_size} {FLAGS.image_size}x{FLAGS.image_size}, {FLAGS.steps} timed steps, "
-        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, {intra_op} intra-op / {inter_op} "
-        "inter-op threads"
+        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, threads={FLAGS.threads or 'half'}; "
+        "each kind in its own process"
     )
-    header = ("iteration", "first call s", "median ms", "images/s", "peak RSS MiB")
-    print(f"{header[0]:<22}{header[1]:>13}{header[2]:>11}{header[3]:>10}{header[4]:>14}")
-    for kind in FLAGS.kinds:
-        result = time_kind(kind)
+    header = ("step", "first call s", "tracing s", "1st run s", "median ms", "images/s", "RSS MiB")
+    print(f"{header[0]:<22}" + "".join(f"{h:>13}" for h in header[1:]))
+    for kind in _kinds(FLAGS.kinds):
+        result = _in_own_process(kind)
         print(
-            f"{KINDS[kind]:<22}{result['first_s']:>13.1f}{result['median_ms']:>11.0f}"
-            f"{result['images_per_s']:>10.1f}{result['peak_rss_mib']:>14.0f}"
+            f"{KINDS[kind]:<22}{result['first_call_s']:>13.1f}{result['tracing_s']:>13.1f}"
+            f"{result['first_execution_s']:>13.1f}{result['median_ms']:>13.0f}"
+            f"{result['images_per_s']:>13.1f}{result['peak_rss_mib']:>13.0f}",
+            flush=True,
         )
-        sys.stdout.flush()
-    print(f"network weights: {result['weights']:,}")
+        if FLAGS.json_out:
+            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+            with open(FLAGS.json_out, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
