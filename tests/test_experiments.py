@@ -260,3 +260,21 @@ def test_shipped_configs_resolve_and_the_paper_configs_decay_sigma(tmp_path):
     assert result.stdout.count("--arch_step_schedule=cosine") == 27 + 39
     assert result.stdout.count("--second_order") == 39
     assert not os.path.exists(workdir)  # a dry run writes nothing
+
+
+def test_parallel_runs_get_a_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from hmnas_keras.experiments.plan import ExperimentFiles
+    from hmnas_keras.experiments.runner import Runner
+
+    def environment(parallel, threads_given=False, slot=0):
+        runner = Runner(ExperimentFiles("/exp"), [], {}, parallel, threads_given)
+        return runner._environment(slot)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [environment(2, slot=s)[0]["CUDA_VISIBLE_DEVICES"] for s in (0, 1)] == ["3", "5"]
+    assert environment(3, slot=2)[0]["CUDA_VISIBLE_DEVICES"] == "3"  # round robin
+    assert environment(2)[1] == []  # a GPU each: TensorFlow's own threads
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the cores are shared
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert environment(2)[1] == ["--threads=4"] and environment(16)[1] == ["--threads=1"]
+    assert environment(1)[1] == [] and environment(2, threads_given=True)[1] == []
