@@ -20,6 +20,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The tiny digits run of the command-line tests (each adds its ops, epochs and phases).
+TINY_DIGITS = [
+    "--dataset=digits",
+    "--noaugment",
+    "--num_cells=2",
+    "--channels=4",
+    "--num_nodes=2",
+    "--batch_size=16",
+    "--train_subset=200",
+    "--test_subset=50",
+    "--threads=2",
+]
+
+
 # A tiny searched, "fine-tuned" run, exported once per session: the export and
 # serving tests share it. Its cells cover every op kind (separable and dilated
 # convolutions, both pools, identity and factorized-reduce skips, each at

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import TINY_DIGITS
 
 from hmnas_keras.checkpoint import read_state
 from hmnas_keras.experiments.plan import (
@@ -27,16 +28,8 @@ GIVEN = {
 }
 
 TINY = [
-    "--dataset=digits",
-    "--noaugment",
-    "--num_cells=2",
-    "--channels=4",
-    "--num_nodes=2",
+    *TINY_DIGITS,
     "--ops=sep_conv_3x3,skip_connect",
-    "--batch_size=16",
-    "--train_subset=200",
-    "--test_subset=50",
-    "--threads=2",
     # One warm-up epoch: the supernet traces its weight step only (the DARTS cell is still
     # derived from its α, β), to keep the test short.
     "--supernet_epochs=1",

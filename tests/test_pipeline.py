@@ -11,21 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY_DIGITS
 
 from hmnas_keras.checkpoint import read_state
 
 TINY = [
-    "--dataset=digits",
-    "--noaugment",
-    "--num_cells=2",
-    "--channels=4",
-    "--num_nodes=2",
+    *TINY_DIGITS,
     "--ops=sep_conv_3x3,max_pool_3x3,skip_connect",
-    "--batch_size=16",
-    "--train_subset=200",
-    "--test_subset=50",
     "--warmup_epochs=1",
-    "--threads=2",
     "--supernet_epochs=2",
     "--mask_epochs=2",
     "--finetune_epochs=2",

@@ -11,23 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY_DIGITS
 
 from hmnas_keras.checkpoint import read_state
 
-TINY = [
-    "--phases=supernet",
-    "--dataset=digits",
-    "--noaugment",
-    "--num_cells=2",
-    "--channels=4",
-    "--num_nodes=2",
-    "--ops=sep_conv_3x3,skip_connect",
-    "--batch_size=16",
-    "--train_subset=200",
-    "--test_subset=50",
-    "--warmup_epochs=1",
-    "--threads=2",
-]
+TINY = ["--phases=supernet", *TINY_DIGITS, "--ops=sep_conv_3x3,skip_connect", "--warmup_epochs=1"]
 
 
 def search(workdir, *flags, wait=True):
