@@ -274,3 +274,42 @@ def test_parallel_runs_get_a_gpu_each_or_a_share_of_the_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert environment(2)[1] == ["--threads=4"] and environment(16)[1] == ["--threads=1"]
     assert environment(1)[1] == [] and environment(2, threads_given=True)[1] == []
+
+
+def test_results_tabulate_mean_and_std_per_variant_and_hmnas_by_stage():
+    from hmnas_keras.experiments.results import results_markdown
+
+    def entry(name, variant, seed, status, accuracy, parameters, searched=None):
+        return {
+            "name": name,
+            "variant": variant,
+            "seed": seed,
+            "status": status,
+            "error": None if status == "finished" else "boom | bang",
+            "test_accuracy": accuracy,
+            "searched_test_accuracy": searched,
+            "searched_parameters": parameters,
+            "parameters": parameters,
+            "parameters_dense": 2 * parameters if parameters else None,
+            "mflops": 1.5 if parameters else None,
+            "wall_seconds": {"supernet": 10.0, "finetune": 4.0},
+        }
+
+    entries = [
+        entry("seed0/supernet_multi_level", None, 0, "finished", 0.5, 900),
+        entry("seed1/supernet_multi_level", None, 1, "finished", 0.7, 900),
+        entry("seed0/hmnas", "hmnas", 0, "finished", 0.30, 100, searched=0.2),
+        entry("seed1/hmnas", "hmnas", 1, "finished", 0.40, 300, searched=0.3),
+        entry("seed0/darts_heuristic", "darts_heuristic", 0, "failed", None, None),
+    ]
+    record = plan_record(("hmnas", "darts_heuristic"), (0, 1), 3, {"x": "--x=1"}, False)
+    table = results_markdown(record, entries)
+    assert (
+        "| hmnas | 2/2 | 35.00 ± 7.07 | 65.00 ± 7.07 | 200 ± 141 | 400 ± 283 | 1.50 ± 0.00" in table
+    )
+    assert "| 2.41 ± 0.05 % / 1.8 M |" in table
+    assert "| darts_heuristic | 0/1 | – | – | – | – | – | – | – | – | 2.70 % / 2.1 M |" in table
+    assert "| supernet | 60.00 ± 14.14 | 40.00 ± 14.14 | 900 ± 0 | 4.20 % / 3.0 M |" in table
+    assert "| searched network (inherited weights) | 25.00 ± 7.07 |" in table
+    assert "| seed0/darts_heuristic | failed | – | – | – | – | – | boom / bang |" in table
+    assert "`--x=1`" in table

@@ -38,15 +38,23 @@ def run_entry(run: PlannedRun, plan: dict, status: str, error: str | None = None
         "error": error,
         "test_accuracy": None,
         "searched_test_accuracy": None,
+        "searched_parameters": None,
         "parameters": None,
         "parameters_dense": None,
         "mflops": None,
         "mflops_nonzero": None,
         "wall_seconds": {},
     }
-    if status != "finished" or run.variant is None:
-        if status == "finished":  # a supernet run
-            entry["wall_seconds"] = {"supernet": _phase_seconds(run.workdir, "supernet")}
+    if status != "finished":
+        return entry
+    if run.variant is None:  # a supernet run
+        summary = read_json_if_exists(Workdir(run.workdir).supernet.summary) or {}
+        entry.update(
+            test_accuracy=summary.get("test_accuracy"),
+            parameters=summary.get("weight_parameters"),
+            parameters_dense=summary.get("weight_parameters"),
+            wall_seconds={"supernet": summary.get("wall_seconds")},
+        )
         return entry
     finetune = read_json_if_exists(Workdir(run.workdir).finetune.summary) or {}
     searched = read_json_if_exists(Workdir(run.workdir).searched_summary) or {}
@@ -54,6 +62,7 @@ def run_entry(run: PlannedRun, plan: dict, status: str, error: str | None = None
     entry.update(
         test_accuracy=finetune.get("test_accuracy"),
         searched_test_accuracy=searched.get("test_accuracy"),
+        searched_parameters=(searched.get("parameters") or {}).get("nonzero"),
         parameters=(finetune.get("parameters") or {}).get("nonzero"),
         parameters_dense=(finetune.get("parameters") or {}).get("dense"),
         mflops=None if "macs" not in flops else flops["macs"] / 1e6,
@@ -162,6 +171,7 @@ def results_markdown(record: dict, entries: list[dict]) -> str:
             _paper(VARIANTS[variant]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _stages_table(entries)
     lines += [
         "",
         "## Runs",
@@ -183,6 +193,52 @@ def results_markdown(record: dict, entries: list[dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# The paper's Table 3 (CIFAR-10): test error % and parameters (M) of HM-NAS by stage.
+PAPER_STAGES = {"supernet": (4.2, 3.0), "searched": (5.14, 1.8), "finetuned": (2.41, 1.8)}
+
+
+def _stages_table(entries: list[dict]) -> list[str]:
+    """HM-NAS by stage (the paper's Table 3): supernet, searched network, after fine-tuning."""
+    hmnas = [e for e in entries if e["variant"] == "hmnas" and e["status"] == "finished"]
+    if not hmnas:
+        return []
+    names = {e["name"] for e in entries}
+    supernets = [
+        e
+        for e in entries
+        if e["name"] in {f"seed{h['seed']}/supernet_multi_level" for h in hmnas} & names
+    ]
+    stages = {
+        "supernet": ([e["test_accuracy"] for e in supernets], [e["parameters"] for e in supernets]),
+        "searched": (
+            [e["searched_test_accuracy"] for e in hmnas],
+            [e["searched_parameters"] for e in hmnas],
+        ),
+        "finetuned": ([e["test_accuracy"] for e in hmnas], [e["parameters"] for e in hmnas]),
+    }
+    labels = {
+        "supernet": "supernet",
+        "searched": "searched network (inherited weights)",
+        "finetuned": "searched network + fine-tuning",
+    }
+    lines = [
+        "",
+        "## HM-NAS by stage (the paper's Table 3)",
+        "",
+        "| stage | test accuracy % | test error % | parameters (supernet: all; others: non-zero) "
+        "| paper: error / params |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for stage, (accuracy, parameters) in stages.items():
+        error, params = PAPER_STAGES[stage]
+        lines.append(
+            f"| {labels[stage]} | {_mean_std(accuracy, 100)} "
+            f"| {_mean_std([None if a is None else 1 - a for a in accuracy], 100)} "
+            f"| {_mean_std(parameters, digits=0)} | {error:.2f} % / {params} M |"
+        )
+    return lines
 
 
 def draw_results(path: str, entries: list[dict]) -> bool:
