@@ -61,16 +61,11 @@ def test_cli_end_to_end_writes_every_artifact(tmp_path):
     assert "is not empty. Pass --resume" in again.stderr and "Traceback" not in again.stderr
 
 
-def checkpoint_arrays(path):
-    with np.load(path) as archive:
-        return {key: archive[key] for key in archive.files if key.startswith("v")}
-
-
 def test_killed_run_resumes_with_a_continuous_history(tmp_path):
     workdir = str(tmp_path / "run")
-    flags = ["--supernet_epochs=3", "--checkpoint_every_steps=3", "--deterministic"]
-    uninterrupted = str(tmp_path / "uninterrupted")
-    assert search(uninterrupted, *flags).returncode == 0
+    # Bitwise equality with an uninterrupted run: the large test of every phase
+    # (tests/test_pipeline.py::test_a_run_killed_in_any_phase_resumes_to_the_same_result).
+    flags = ["--supernet_epochs=3", "--checkpoint_every_steps=3"]
     process = search(workdir, *flags, wait=False)
     checkpoint = os.path.join(workdir, "supernet", "checkpoint.npz")
     deadline = time.monotonic() + 300
@@ -104,12 +99,6 @@ def test_killed_run_resumes_with_a_continuous_history(tmp_path):
         for line in open(os.path.join(workdir, "supernet", "arch_history.jsonl"))
     ]
     assert history == [1, 2, 3]
-    # With --deterministic the resumed run ends bitwise where the uninterrupted one did.
-    expected = checkpoint_arrays(os.path.join(uninterrupted, "supernet", "checkpoint.npz"))
-    got = checkpoint_arrays(checkpoint)
-    assert got.keys() == expected.keys()
-    different = [k for k in expected if not np.array_equal(got[k], expected[k])]
-    assert not different, f"{len(different)} of {len(expected)} arrays differ"
 
 
 # Trains the same supernet 3 steps on one device and with MirroredStrategy over two logical
