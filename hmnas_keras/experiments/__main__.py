@@ -123,7 +123,10 @@ def main(argv):
         print(f"Error: {error}", file=sys.stderr)
         return 1
     if FLAGS.dry_run:
-        print_plan(plan, record)
+        try:
+            print_plan(plan, record)
+        except BrokenPipeError:  # piped into head, say: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from hmnas_keras.checkpoint import write_json
     from hmnas_keras.experiments.runner import Runner
