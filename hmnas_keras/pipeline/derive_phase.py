@@ -206,12 +206,16 @@ def derive_architecture(
         architecture["flops"]["searched"] = flop_counts(network)
         architecture["layers"] = layer_sparsity(network)
     if weight_masks is not None:
-        os.makedirs(os.path.dirname(workdir.weight_masks), exist_ok=True)
-        np.savez_compressed(
-            workdir.weight_masks, **{p: m.astype("uint8") for p, m in weight_masks.items()}
-        )
+        _write_weight_masks(workdir, weight_masks)
     arch_json.write_architecture(architecture, workdir.architecture)
     return architecture, network
+
+
+def _write_weight_masks(workdir: Workdir, weight_masks: dict) -> None:
+    os.makedirs(os.path.dirname(workdir.weight_masks), exist_ok=True)
+    np.savez_compressed(
+        workdir.weight_masks, **{p: m.astype("uint8") for p, m in weight_masks.items()}
+    )
 
 
 def read_weight_masks(workdir: Workdir, architecture: dict) -> dict | None:
@@ -254,11 +258,7 @@ def _copy_architecture(config: RunConfig, workdir: Workdir) -> None:
     architecture = arch_json.read_architecture(config.architecture)
     if architecture.get("weight_masks") and config.scratch_masks:
         source = Workdir(os.path.dirname(os.path.abspath(config.architecture)))
-        masks = read_weight_masks(source, architecture)
-        os.makedirs(os.path.dirname(workdir.weight_masks), exist_ok=True)
-        np.savez_compressed(
-            workdir.weight_masks, **{p: m.astype("uint8") for p, m in masks.items()}
-        )
+        _write_weight_masks(workdir, read_weight_masks(source, architecture))
         architecture["weight_masks"] = Workdir.WEIGHT_MASKS
     else:
         architecture["weight_masks"] = None  # every weight of the kept ops trains
