@@ -36,6 +36,13 @@ class Variant:
     encoding: str | None  # the supernet it needs: "multi_level", "single_level" or None
     phases: tuple[str, ...]
     flags: tuple[str, ...] = ()
+    # The variant of the same seed whose run this one starts from, and what it takes from it:
+    # "architecture" (its architecture.json and masks) or "mask_target_value" (its non-zero
+    # parameters, known once it has run).
+    needs: str | None = None
+    takes: str | None = None
+    # Whether the mask-target flags given to the runner apply (the plain HM-NAS runs).
+    user_mask_target: bool = False
     # The paper's CIFAR-10 figures (Tables 5, 6): test error %, its ± over runs, params (M).
     paper_error: float | None = None
     paper_error_std: float | None = None
@@ -47,6 +54,7 @@ VARIANTS = {
         "HM-NAS: multi-level encoding, learned hierarchical masks, inherited weights",
         "multi_level",
         ("mask", "finetune"),
+        user_mask_target=True,
         paper_error=2.41,
         paper_error_std=0.05,
         paper_params_m=1.8,
@@ -81,6 +89,8 @@ VARIANTS = {
         None,
         ("finetune",),
         ("--finetune_init=scratch",),
+        needs="hmnas",
+        takes="architecture",
         paper_error=2.95,
         paper_error_std=0.08,
         paper_params_m=1.8,
@@ -90,11 +100,11 @@ VARIANTS = {
         "multi_level",
         ("mask", "finetune"),
         ("--mask_target=params",),
+        needs="darts_heuristic",
+        takes="mask_target_value",
     ),
 }
 PAPER_VARIANTS = ("hmnas", "darts_heuristic", "single_level", "random_arch", "random_init")
-# A variant's runs need these of the same seed first.
-NEEDS = {"random_init": "hmnas", "hmnas_darts_size": "darts_heuristic"}
 
 # Search flags the runner sets for each run: given to the runner, they are refused.
 CONTROLLED_FLAGS = {
@@ -249,8 +259,8 @@ def build_plan(
                     )
                 )
                 supernets[encoding] = name
-        # random_init needs hmnas, hmnas_darts_size darts_heuristic: plan those first.
-        ordered = sorted(variants, key=lambda v: (v in NEEDS, list(VARIANTS).index(v)))
+        # The variants that start from another's run come after the others.
+        ordered = sorted(variants, key=lambda v: (bool(VARIANTS[v].needs), list(VARIANTS).index(v)))
         for variant in ordered:
             spec = VARIANTS[variant]
             samples = range(random_archs) if variant == "random_arch" else [None]
@@ -264,22 +274,22 @@ def build_plan(
                     checkpoint = Workdir(path(f"supernet_{spec.encoding}")).supernet.checkpoint
                     flags.append(f"--supernet_checkpoint={checkpoint}")
                     needs.append(supernet)
-                if variant == "hmnas":
+                if spec.user_mask_target:
                     flags += mask_target
                 if sample is not None:
                     flags.append(f"--random_sample={sample}")
-                if variant in NEEDS:
-                    source = f"{seed_dir}/{NEEDS[variant]}"
+                if spec.needs:
+                    source = f"{seed_dir}/{spec.needs}"
                     if source not in {run.name for run in runs}:
                         raise PlanError(
-                            f"The {variant} variant needs the {NEEDS[variant]} variant of the "
-                            f"same seed: add {NEEDS[variant]} to --variants."
+                            f"The {variant} variant needs the {spec.needs} variant of the "
+                            f"same seed: add {spec.needs} to --variants."
                         )
                     needs.append(source)
-                    if variant == "random_init":
-                        flags.append(f"--architecture={Workdir(path('hmnas')).architecture}")
+                    if spec.takes == "architecture":
+                        flags.append(f"--architecture={Workdir(path(spec.needs)).architecture}")
                     else:
-                        late = ("--mask_target_value", source)
+                        late = (f"--{spec.takes}", source)
                 runs.append(
                     PlannedRun(
                         f"{seed_dir}/{leaf}",

@@ -19,7 +19,7 @@ import time
 
 from hmnas_keras.experiments import results
 from hmnas_keras.experiments.plan import PlannedRun
-from hmnas_keras.pipeline.workdir import Workdir, read_json_if_exists
+from hmnas_keras.pipeline.workdir import Workdir
 
 
 def visible_gpus() -> list[str]:
@@ -41,9 +41,9 @@ def visible_gpus() -> list[str]:
 def _late_value(run: PlannedRun, plan: list[PlannedRun]) -> str | None:
     """The value of `run.late_flag`: the non-zero parameters of the run it names."""
     flag, source = run.late_flag
-    workdir = next(r.workdir for r in plan if r.name == source)
-    summary = read_json_if_exists(Workdir(workdir).finetune.summary) or {}
-    parameters = (summary.get("parameters") or {}).get("nonzero")
+    parameters = results.run_entry(next(r for r in plan if r.name == source), plan, "finished")[
+        "parameters"
+    ]
     return None if parameters is None else f"{flag}={parameters}"
 
 
@@ -82,13 +82,12 @@ def _error_of(lines: list[str], returncode: int) -> str:
 class Runner:
     """Runs the plan's unfinished runs, at most `parallel` at a time."""
 
-    def __init__(self, files, plan, record, parallel=1, threads_given=False, echo=True):
+    def __init__(self, files, plan, record, parallel=1, threads_given=False):
         self.files = files
         self.plan = plan
         self.record = record
         self.parallel = parallel
         self.threads_given = threads_given
-        self.echo = echo
         self.gpus = visible_gpus()
         self.status = {}
         self.errors = {}
@@ -149,8 +148,7 @@ class Runner:
                 log.flush()
                 last_lines.append(text.rstrip("\n"))
                 del last_lines[:-50]
-                if self.echo:
-                    self.say(f"  [{run.name}] {text.rstrip()}")
+                self.say(f"  [{run.name}] {text.rstrip()}")
             log.close()
 
         reader = threading.Thread(target=read, daemon=True)
