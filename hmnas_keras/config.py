@@ -14,7 +14,7 @@ from hmnas_keras.training.arch_step import SCHEDULES
 
 PHASES = ("supernet", "mask", "finetune", "export")
 FINETUNE_INITS = ("inherited", "scratch")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker")
 MASK_TARGETS = ("none", "params", "flops")
 MASK_LR_SCHEDULES = ("paper", "scaled")
 WEIGHT_MASKS = ("element", "channel")

@@ -98,7 +98,20 @@ flags.DEFINE_bool(
     "slower).",
 )
 flags.DEFINE_enum(
-    "strategy", "default", STRATEGIES, "tf.distribute strategy: one device or mirrored."
+    "strategy",
+    "default",
+    STRATEGIES,
+    "tf.distribute strategy: one device, mirrored (every GPU, or logical CPU, of this machine) "
+    "or multi_worker (MultiWorkerMirroredStrategy over the tasks of TF_CONFIG or of a Slurm job; "
+    "--batch_size is the global batch).",
+)
+flags.DEFINE_integer(
+    "slurm_port_base",
+    8888,
+    "With --strategy=multi_worker under Slurm (no TF_CONFIG): the first port of the tasks on a "
+    "node.",
+    lower_bound=1,
+    upper_bound=65535,
 )
 flags.DEFINE_integer(
     "logical_cpus",
@@ -365,12 +378,25 @@ def _check_writable(root: str) -> None:
 
 # Flags that --resume honours when given on its command line: they choose what runs
 # and how it runs on this machine, not what the run computes.
-RESUME_FLAGS = ("workdir", "resume", "phases", "threads", "logical_cpus", "tf_logs")
+RESUME_FLAGS = (
+    "workdir",
+    "resume",
+    "phases",
+    "threads",
+    "logical_cpus",
+    "tf_logs",
+    "slurm_port_base",
+)
 
 
-def prepare_workdir(root: str, resume: bool) -> RunConfig:
-    """Checks the workdir, writes or reads config.json, returns the run configuration."""
-    _check_writable(root)
+def prepare_workdir(root: str, resume: bool, chief: bool = True) -> RunConfig:
+    """Checks the workdir, writes or reads config.json, returns the run configuration.
+
+    A worker of a multi-worker cluster (`chief=False`) only reads: the chief's
+    config.json with --resume, else the flags.
+    """
+    if chief:
+        _check_writable(root)
     workdir = Workdir(root)
     if resume:
         if not os.path.exists(workdir.config):
@@ -396,7 +422,7 @@ def prepare_workdir(root: str, resume: bool) -> RunConfig:
         return saved
     # A workdir holding only config.json is a run that failed before training
     # (bad data flags, say): starting again there overwrites nothing of value.
-    if workdir.has_run():
+    if chief and workdir.has_run():
         raise UsageError(
             f"Workdir {root} is not empty. Pass --resume to continue the run in it, or choose "
             "a new --workdir (nothing was overwritten)."
@@ -405,7 +431,8 @@ def prepare_workdir(root: str, resume: bool) -> RunConfig:
         config = config_from_flags()
     except ValueError as error:
         raise UsageError(str(error)) from None
-    workdir.write_config(config)
+    if chief:
+        workdir.write_config(config)
     return config
 
 
@@ -458,18 +485,27 @@ def main(argv):
         return 1
     from hmnas_keras.architecture.architecture_json import ArchitectureError
     from hmnas_keras.checkpoint import CheckpointError
+    from hmnas_keras.distributed import Cluster, ClusterError, cluster_failure, make_strategy
     from hmnas_keras.export.formats import ExportError
     from hmnas_keras.pipeline.mask_phase import MaskTargetError
     from hmnas_keras.pipeline.phase import TrainingDiverged
     from hmnas_keras.pipeline.run import run
 
     logging.set_verbosity(logging.WARNING)  # tf2onnx logs every conversion step at INFO
+    cluster = None
     try:
         configure_tensorflow(FLAGS.threads, FLAGS.logical_cpus)
-        config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
-        run(config, Workdir.of_run(FLAGS.workdir, config))
+        # Before TensorFlow runs anything: a multi-worker strategy sets up the process.
+        strategy = make_strategy(_strategy_name(), FLAGS.slurm_port_base)
+        cluster = Cluster.of(strategy, FLAGS.workdir)
+        if cluster.multi_worker:
+            config = join_cluster(cluster)
+        else:
+            config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
+        run(config, Workdir.of_run(cluster.own_root(), config), strategy, cluster)
     except (
         UsageError,
+        ClusterError,
         DataError,
         CheckpointError,
         TrainingDiverged,
@@ -487,7 +523,83 @@ def main(argv):
             file=sys.stderr,
         )
         return 1
+    except Exception as error:
+        message = cluster_failure(error, cluster)
+        if message is None:
+            raise
+        print(f"Error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        if cluster is not None:
+            cluster.cleanup()
     return 0
+
+
+def _strategy_name() -> str:
+    """--strategy, or with --resume the strategy saved in the workdir's config.json."""
+    path = os.path.join(FLAGS.workdir, Workdir.CONFIG)
+    if FLAGS.resume and os.path.exists(path):
+        try:
+            with open(path) as handle:
+                return json.load(handle).get("strategy", "default")
+        except (OSError, ValueError, AttributeError):
+            pass  # prepare_workdir says what is wrong with it
+    return FLAGS.strategy
+
+
+def join_cluster(cluster) -> RunConfig:
+    """The configuration every task of a multi-worker cluster agreed on.
+
+    The chief checks the workdir and writes config.json as on one machine; the
+    other tasks only read. Then every task hands its configuration (or the
+    error that stopped it) to every other, and all refuse to start together if
+    one failed or if one's configuration differs from the chief's.
+    """
+    from hmnas_keras.distributed import (
+        ClusterError,
+        all_gather_json,
+        config_differences,
+        config_hash,
+    )
+
+    error, config = None, None
+    try:
+        config = prepare_workdir(FLAGS.workdir, FLAGS.resume, chief=cluster.chief)
+    except (UsageError, ValueError) as failure:
+        error = str(failure)
+    mine = config.to_dict() if config else None
+    messages = all_gather_json(
+        cluster.strategy,
+        {"task": cluster.name, "chief": cluster.chief, "error": error, "config": mine},
+    )
+    failed = [m for m in messages if m["error"]]
+    if failed:
+        raise ClusterError(
+            " ".join(
+                m["error"] if m["task"] == cluster.name else f"({m['task']} stopped: {m['error']})"
+                for m in failed
+            )
+        )
+    chief = next(m for m in messages if m["chief"])
+    differing = {
+        m["task"]: config_differences(m["config"], chief["config"])
+        for m in messages
+        if config_hash(m["config"]) != config_hash(chief["config"])
+    }
+    if differing:
+        lines = "; ".join(f"{task}: {', '.join(d)}" for task, d in differing.items())
+        raise ClusterError(
+            f"The tasks were started with different configurations (hash "
+            f"{config_hash(chief['config'])} on the chief); differences from the chief's: "
+            f"{lines}. Start every task with the same flags."
+        )
+    if len(messages) == 1:
+        print(
+            "multi_worker with a single task: training here alone, as with --strategy=default "
+            "(TF_CONFIG lists one task; add workers to it to spread the work).",
+            flush=True,
+        )
+    return config
 
 
 def entry_point():

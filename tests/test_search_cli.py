@@ -113,7 +113,7 @@ from hmnas_keras.runtime import configure_tensorflow
 configure_tensorflow(0, 2)
 from hmnas_keras.config import DataConfig, RunConfig, SupernetConfig
 from hmnas_keras.data import make_search_data
-from hmnas_keras.pipeline.run import make_strategy
+from hmnas_keras.distributed import make_strategy
 from hmnas_keras.pipeline.supernet_phase import build_search
 from hmnas_keras.space.search_space import SearchSpace
 config = RunConfig(

@@ -27,6 +27,7 @@ from hmnas_keras.architecture.searched_network import (
 from hmnas_keras.checkpoint import relative_path, write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
+from hmnas_keras.distributed import evaluation_data
 from hmnas_keras.pipeline.derive_phase import read_weight_masks
 from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
 from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, Workdir
@@ -171,7 +172,7 @@ def run_finetune_phase(
         diverged_hint="Lower --finetune_learning_rate",
     )
     state = run_phase(phase, verbose)
-    test = finetune.evaluate(test_data, verbose=0, return_dict=True)
+    test = finetune.evaluate(**evaluation_data(strategy, test_data), verbose=0, return_dict=True)
     summary = _summary(config, data, workdir, architecture, finetune, test, state)
     write_json(workdir.finetune.summary, summary)
     return summary

@@ -31,6 +31,7 @@ from hmnas_keras.architecture.derivation import derive_cell
 from hmnas_keras.checkpoint import checkpoint_reading, read_state, write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
+from hmnas_keras.distributed import evaluation_data
 from hmnas_keras.pipeline.derive_phase import (
     build_supernet,
     derive_architecture,
@@ -380,7 +381,7 @@ def run_mask_phase(
             f"training; shifting the weight masks by {calibration['shift']:.3g} gives "
             f"{calibration['ratio_after']:.3f}."
         )
-    test = masked.evaluate(test_data, verbose=0, return_dict=True)
+    test = masked.evaluate(**evaluation_data(strategy, test_data), verbose=0, return_dict=True)
     summary = {
         "epochs": mask.epochs,
         "steps": rates["steps"],

@@ -33,6 +33,7 @@ from hmnas_keras.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from hmnas_keras.distributed import distribute_batches, evaluation_data, is_chief
 from hmnas_keras.pipeline.workdir import PhaseFiles
 
 
@@ -237,8 +238,9 @@ def run_phase(phase: Phase, verbose: int | None = None) -> dict:
     TrainingDiverged if the loss became NaN (the last good checkpoint is kept).
     """
     os.makedirs(phase.files.directory, exist_ok=True)
+    strategy = phase.model.distribute_strategy
     if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
+        verbose = (1 if sys.stdout.isatty() else 2) if is_chief(strategy) else 0
     state, metric_values = _restore(phase)
     logger = _PhaseLogger(
         phase, state["epoch"], state["step_in_epoch"], state["elapsed_seconds"], metric_values
@@ -249,11 +251,16 @@ def run_phase(phase: Phase, verbose: int | None = None) -> dict:
     # The pipelines arrive shuffled by seed: Keras must not shuffle again.
     fit_kwargs = dict(callbacks=callbacks, verbose=verbose, shuffle=False)
     if phase.test_every and phase.test_data is not None:
-        fit_kwargs.update(validation_data=phase.test_data, validation_freq=phase.test_every)
+        test = evaluation_data(strategy, phase.test_data)
+        fit_kwargs.update(
+            validation_data=test["x"],
+            validation_steps=test["steps"],
+            validation_freq=phase.test_every,
+        )
     if epoch < phase.epochs and step_in_epoch:
         # The rest of the interrupted epoch, then the remaining epochs.
         phase.model.fit(
-            phase.dataset(epoch + 1, epoch * steps + step_in_epoch),
+            distribute_batches(strategy, phase.dataset(epoch + 1, epoch * steps + step_in_epoch)),
             epochs=epoch + 1,
             initial_epoch=epoch,
             steps_per_epoch=steps - step_in_epoch,
@@ -262,7 +269,7 @@ def run_phase(phase: Phase, verbose: int | None = None) -> dict:
         epoch += 1
     if epoch < phase.epochs and logger.diverged_at is None:
         phase.model.fit(
-            phase.dataset(phase.epochs, epoch * steps),
+            distribute_batches(strategy, phase.dataset(phase.epochs, epoch * steps)),
             epochs=phase.epochs,
             initial_epoch=epoch,
             steps_per_epoch=steps,

@@ -13,17 +13,6 @@ from hmnas_keras.config import RunConfig
 from hmnas_keras.pipeline.workdir import Workdir
 
 
-def make_strategy(name: str):
-    """The tf.distribute strategy called `name` ("default" or "mirrored")."""
-    import tensorflow as tf
-
-    if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.get_strategy()
-
-
 def _supernet(config, data, workdir, strategy) -> None:
     from hmnas_keras.pipeline.supernet_phase import run_supernet_phase
 
@@ -78,20 +67,35 @@ def draw_pictures(workdir: Workdir) -> None:
         print(f"Pictures: {len(written)} files in {workdir.pictures}")
 
 
-def run(config: RunConfig, workdir: Workdir) -> dict:
-    """Runs the configured phases in `workdir`; returns the report."""
+def run(config: RunConfig, workdir: Workdir, strategy=None, cluster=None) -> dict | None:
+    """Runs the configured phases in `workdir`; returns the report.
+
+    `strategy`: made from `config.strategy` if not given. `cluster`
+    (hmnas_keras.distributed.Cluster): in a multi-worker cluster every task
+    trains, but only the chief exports, draws and reports (the others return
+    None once the chief is done).
+    """
+    import tensorflow as tf
+
     from hmnas_keras.data import describe, make_search_data
+    from hmnas_keras.distributed import Cluster, barrier, check_batch_size, make_strategy
     from hmnas_keras.pipeline.report import write_report
 
     started = time.monotonic()
     if config.deterministic:
-        import tensorflow as tf
-
         tf.config.experimental.enable_op_determinism()
+    strategy = strategy or make_strategy(config.strategy)
+    cluster = cluster or Cluster.of(strategy, workdir.root)
+    check_batch_size(strategy, config.data.batch_size)
     data = make_search_data(config.data, config.seed)
     print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
-    strategy = make_strategy(config.strategy)
-    print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s)")
+    where = f", {cluster.name}" if cluster.multi_worker else ""
+    print(f"Strategy: {config.strategy}, {strategy.num_replicas_in_sync} replica(s){where}")
+    if cluster.multi_worker and not cluster.chief:
+        print(
+            f"This task writes only to {workdir.root} (removed at the end); the chief writes "
+            "the workdir."
+        )
     if "mask" in config.phases:
         from hmnas_keras.pipeline.mask_phase import check_mask_settings
 
@@ -101,10 +105,16 @@ def run(config: RunConfig, workdir: Workdir) -> dict:
 
         check_export_settings(config.export, len(data.weight_images) + len(data.arch_images))
     for name, runner in PHASE_RUNNERS.items():
-        if name in config.phases:
+        if name in config.phases and (cluster.chief or name != "export"):
             runner(config, data, workdir, strategy)
+    if not cluster.chief:
+        print(f"{cluster.name}: training done; waiting for the chief's export and report.")
+        barrier(strategy)
+        return None
     draw_pictures(workdir)
     report, text = write_report(config, workdir)
     print(text)
     print(f"Report: {workdir.report}")
+    if cluster.multi_worker:
+        barrier(strategy)  # the other tasks wait for this, so that none exits early
     return report

@@ -18,6 +18,7 @@ from hmnas_keras.architecture.counting import parameter_counts
 from hmnas_keras.checkpoint import write_json
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
+from hmnas_keras.distributed import evaluation_data
 from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
 from hmnas_keras.pipeline.workdir import SUPERNET_MODEL, Workdir
 from hmnas_keras.space.supernet import Supernet
@@ -132,7 +133,7 @@ def run_supernet_phase(
         diverged_hint="Lower --learning_rate (or --arch_learning_rate)",
     )
     state = run_phase(phase, verbose)
-    test = search.evaluate(test_data, verbose=0, return_dict=True)
+    test = search.evaluate(**evaluation_data(strategy, test_data), verbose=0, return_dict=True)
     summary = {
         "epochs": train.epochs,
         "steps": train.epochs * data.steps_per_epoch,

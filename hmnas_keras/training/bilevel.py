@@ -211,23 +211,8 @@ class BilevelSearch(NetworkTrainer):
         return self._bilevel_step(data, take_arch_step=True)
 
     def _step_function(self, take_arch_step: bool):
-        """One traced iteration (with or without the architecture step) on the next batch.
-
-        What Keras' own train function does for one step, with public APIs: run
-        the step on every replica, then report the first replica's metrics
-        (metrics are synchronised across replicas, so they all agree).
-        """
-        strategy = self.distribute_strategy
-
-        def step(data):
-            return self._bilevel_step(data, take_arch_step)
-
-        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
-        def one_step(iterator):
-            logs = strategy.run(step, args=(next(iterator),))
-            return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
-
-        return one_step
+        """One traced iteration (with or without the architecture step) on the next batch."""
+        return self.replica_function(lambda data: self._bilevel_step(data, take_arch_step))
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:

@@ -75,6 +75,79 @@ class NetworkTrainer(keras.Model):
     def call(self, images, training=None):
         return self.network(images, training=training)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' TensorFlow trainer, under a strategy, builds the model from a batch it takes
+        from the training iterator before the first step: with `steps_per_epoch` that batch
+        is lost, and under MultiWorkerMirroredStrategy it reduces the batch across workers.
+        Every phase builds its variables before `fit()`, so there is nothing to build."""
+        if not self.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def replica_function(self, step, whole_batch_metrics: bool = False):
+        """`step(batch) -> logs` as one traced call on the iterator's next batch.
+
+        What Keras' own train and test functions do for one step, with public
+        APIs: run `step` on every replica, then report the first replica's logs
+        (Keras' own reduction of the logs fails for scalars under
+        MultiWorkerMirroredStrategy). The metrics' variables are per replica:
+        `whole_batch_metrics` reports instead each metric of the logs over every
+        replica, as `evaluate()` must (fit() reads them so at each epoch's end).
+        """
+        strategy = self.distribute_strategy
+        metrics = {m.name: m for m in self.metrics}
+
+        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
+        def one_step(iterator):
+            logs = strategy.run(step, args=(next(iterator),))
+            if whole_batch_metrics:
+                return {name: metrics[name].result() for name in logs}
+            return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
+
+        return one_step
+
+    def share_first_replica_statistics(self) -> None:
+        """Gives every replica the first replica's non-trainable variables (BatchNorm's moving
+        statistics).
+
+        Keras updates a replica's moving statistics from its own part of each batch
+        and keeps them apart (aggregation "none"), so replicas drift apart; the
+        checkpoint holds the first replica's, which every replica then evaluates with,
+        as PyTorch's DistributedDataParallel broadcasts rank 0's buffers.
+        """
+        strategy = self.distribute_strategy
+        if strategy.num_replicas_in_sync == 1:
+            return
+        if getattr(self, "_share_statistics", None) is None:
+            variables = [v.value for v in self.network.non_trainable_variables]
+
+            def share():
+                context = tf.distribute.get_replica_context()
+                first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float32)
+                values = context.all_reduce(
+                    tf.distribute.ReduceOp.SUM, [v * tf.cast(first, v.dtype) for v in variables]
+                )
+                for variable, value in zip(variables, values, strict=True):
+                    variable.assign(value)
+
+            self._share_statistics = tf.function(lambda: strategy.run(share), autograph=False)
+        self._share_statistics()
+
+    def evaluate(self, *args, **kwargs):
+        """Keras `evaluate()` (also fit()'s validation), every replica with the first replica's
+        moving statistics."""
+        self.share_first_replica_statistics()
+        return super().evaluate(*args, **kwargs)
+
+    def make_train_function(self, force=False):
+        if self.train_function is None or force:
+            self.train_function = self.replica_function(self.train_step)
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is None or force:
+            self.test_function = self.replica_function(self.test_step, whole_batch_metrics=True)
+        return self.test_function
+
     def update_metrics(self, loss, labels, logits) -> dict:
         """Adds a batch to the loss and accuracy; returns every metric's result."""
         self.loss_metric.update_state(loss)
@@ -96,8 +169,13 @@ class NetworkTrainer(keras.Model):
         return self.update_metrics(loss, labels, logits)
 
     def test_step(self, data):
-        """Inference-mode loss and accuracy (the only metrics `evaluate()` reports)."""
+        """Inference-mode loss and accuracy (the only metrics `evaluate()` reports).
+
+        The loss is averaged over images, not batches: a partial last batch, or a
+        replica's empty part of one, counts for the images it holds.
+        """
         images, labels = data
         logits = self.network(images, training=False)
-        self.update_metrics(cross_entropy(labels, logits), labels, logits)
+        losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        self.update_metrics(losses, labels, logits)
         return {m.name: m.result() for m in (self.loss_metric, self.accuracy_metric)}
