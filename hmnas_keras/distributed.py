@@ -89,11 +89,14 @@ def _check_tf_config(raw: str) -> dict:
     return spec
 
 
-def _slurm_gpus_per_node() -> int | None:
-    """None (Slurm's resolver asks nvidia-smi) where GPUs may exist, else 0."""
+def _slurm_gpu_arguments() -> dict:
+    """SlurmClusterResolver's GPU arguments: its own (it asks nvidia-smi and sets
+    CUDA_VISIBLE_DEVICES per task) where GPUs may exist; on CPU nodes, "one GPU per task"
+    of a notional 1,024, only so that it numbers the ports of a node's tasks (with no GPU it
+    numbers none), and no CUDA_VISIBLE_DEVICES."""
     if "CUDA_VISIBLE_DEVICES" in os.environ or shutil.which("nvidia-smi"):
-        return None
-    return 0
+        return {}
+    return {"gpus_per_node": 1024, "gpus_per_task": 1, "auto_set_gpu": False}
 
 
 def cluster_resolver(slurm_port_base: int = 8888, environ=None):
@@ -106,7 +109,7 @@ def cluster_resolver(slurm_port_base: int = 8888, environ=None):
     if "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ:
         try:
             return tf.distribute.cluster_resolver.SlurmClusterResolver(
-                port_base=slurm_port_base, gpus_per_node=_slurm_gpus_per_node()
+                port_base=slurm_port_base, **_slurm_gpu_arguments()
             )
         except (RuntimeError, ValueError, OSError) as error:
             raise ClusterError(

@@ -1,0 +1,292 @@
+"""Training over several processes with tf.distribute: the cluster, the batches, the agreement."""
+
+import csv
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TINY_DIGITS
+
+from hmnas_keras.distributed import (
+    ClusterError,
+    cluster_resolver,
+    config_differences,
+    config_hash,
+)
+
+TINY = [*TINY_DIGITS, "--ops=sep_conv_3x3,skip_connect", "--warmup_epochs=1"]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def tf_config(ports, index):
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+
+
+def start_workers(workdir, flags_per_worker, ports=None):
+    """One `python -m hmnas_keras.search --strategy=multi_worker` per entry of flags_per_worker."""
+    ports = ports or free_ports(len(flags_per_worker))
+    processes = []
+    for index, flags in enumerate(flags_per_worker):
+        command = [
+            sys.executable,
+            "-m",
+            "hmnas_keras.search",
+            f"--workdir={workdir}",
+            "--strategy=multi_worker",
+            *flags,
+        ]
+        env = {**ENV, "TF_CONFIG": tf_config(ports, index)}
+        processes.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return processes
+
+
+def finish(processes, timeout=600):
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------ the cluster
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("{not json", "is not JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', 'has no "cluster" object'),
+        ('{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}}', "has jobs ps"),
+        ('{"cluster": {"worker": ["localhost"]}, "task": {}}', '"host:port" addresses'),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}}', 'has no "task"'),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "not a job"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}', "index 1"),
+    ],
+)
+def test_a_malformed_tf_config_says_what_is_wrong(raw, message):
+    with pytest.raises(ClusterError, match=message) as caught:
+        cluster_resolver(environ={"TF_CONFIG": raw})
+    assert "Expected, e.g.: TF_CONFIG=" in str(caught.value)
+
+
+def test_no_cluster_at_all_is_refused():
+    with pytest.raises(ClusterError, match="needs to know the cluster"):
+        cluster_resolver(environ={})
+
+
+def test_a_slurm_job_is_the_cluster_without_tf_config(tmp_path, monkeypatch):
+    # Slurm's resolver expands the node list with `scontrol show hostnames`.
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\nprintf 'node1\\nnode2\\n'\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    slurm = {
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NODELIST": "node[1-2]",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    }
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    resolver = cluster_resolver(slurm_port_base=9000)
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node1:9000", "node2:9000"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+
+
+def test_configuration_differences_name_each_key():
+    chief = {"seed": 0, "supernet": {"learning_rate": 0.05, "epochs": 2}}
+    mine = {"seed": 0, "supernet": {"learning_rate": 0.1, "epochs": 2}}
+    assert config_differences(mine, chief) == [
+        "supernet.learning_rate: 0.05 on the chief, 0.1 here"
+    ]
+    assert config_differences(chief, chief) == []
+    assert config_hash(mine) != config_hash(chief) and config_hash(chief) == config_hash(
+        json.loads(json.dumps(chief))
+    )
+
+
+def test_multi_worker_without_a_cluster_is_one_line(tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
+    for extra_env, message in (
+        ({}, "needs to know the cluster"),
+        ({"TF_CONFIG": '{"cluster": {"worker": ["localhost:1"]}'}, "TF_CONFIG is not JSON"),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hmnas_keras.search",
+                f"--workdir={tmp_path / 'run'}",
+                "--strategy=multi_worker",
+                *TINY,
+            ],
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 1
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def test_workers_started_with_different_flags_refuse_together(tmp_path):
+    workdir = tmp_path / "run"
+    started = time.monotonic()
+    results = finish(
+        start_workers(workdir, [[*TINY, "--learning_rate=0.05"], [*TINY, "--learning_rate=0.1"]]),
+        timeout=300,
+    )
+    for code, _, err in results:
+        assert code == 1, err[-2000:]
+        assert "started with different configurations" in err
+        assert "worker 1 of 2 tasks: supernet.learning_rate: 0.05 on the chief, 0.1 here" in err
+        assert "Traceback" not in err
+    assert time.monotonic() - started < 120
+    # Only the chief wrote, and only its configuration.
+    assert sorted(os.listdir(workdir)) == ["config.json"]
+
+
+# Trains the tiny supernet one epoch (10 steps, batch 16) on two worker processes and, in one
+# process, with MirroredStrategy over two logical CPUs: the same global batches and the same two
+# replicas, so the two runs must agree; then the same on one device, where the per-replica
+# BatchNorm statistics are those of 16 images instead of 8 (close, not equal).
+def test_two_workers_train_as_two_mirrored_replicas(tmp_path):
+    flags = [*TINY, "--phases=supernet", "--supernet_epochs=1", "--warmup_epochs=0"]
+    workers = start_workers(tmp_path / "workers", [flags, flags])
+    mirrored = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hmnas_keras.search",
+            f"--workdir={tmp_path / 'mirrored'}",
+            "--strategy=mirrored",
+            "--logical_cpus=2",
+            *flags,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
+    (chief_code, chief_out, chief_err), (code, out, err) = finish(workers)
+    assert chief_code == 0, chief_err[-3000:]
+    assert code == 0, err[-3000:]
+    assert "worker 0 of 2 tasks" in chief_out and "2 replica(s)" in chief_out
+    # The worker wrote only into its own temporary folder, gone now.
+    scratch = next(
+        line.split(" writes only to ")[1].split(" (removed")[0]
+        for line in out.splitlines()
+        if "writes only to" in line
+    )
+    assert not os.path.exists(scratch)
+    assert "Report:" in chief_out and "Report:" not in out
+    (one,) = read_csv(tmp_path / "workers" / "supernet" / "metrics.csv")
+    (two,) = read_csv(tmp_path / "mirrored" / "supernet" / "metrics.csv")
+    for column in ("loss", "accuracy", "arch_loss", "test_loss", "test_accuracy"):
+        assert float(one[column]) == pytest.approx(float(two[column]), abs=1e-4), column
+    assert os.path.exists(tmp_path / "workers" / "report.json")
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# The whole pipeline on two workers: one is killed mid-supernet, the other stops with a message
+# within a minute; both restarted with --resume finish every phase from the chief's checkpoint,
+# and the chief's export equals one exported by a single process from the same checkpoint.
+@pytest.mark.large
+def test_a_killed_worker_stops_the_cluster_and_resume_finishes_every_phase(tmp_path):
+    workdir = tmp_path / "run"
+    flags = [
+        *TINY,
+        "--supernet_epochs=6",
+        "--checkpoint_every_steps=5",
+        "--mask_epochs=1",
+        "--finetune_epochs=1",
+        "--export_formats=keras,onnx",
+    ]
+    ports = free_ports(2)
+    chief, worker = start_workers(workdir, [flags, flags], ports)
+    checkpoint = workdir / "supernet" / "checkpoint.npz"
+    wait_for(checkpoint.exists, 300, "the chief's first checkpoint")
+    worker.kill()
+    killed = time.monotonic()
+    _, err = chief.communicate(timeout=120)
+    assert time.monotonic() - killed < 60
+    assert chief.returncode == 1
+    assert "the cluster lost a task" in err and "--resume" in err
+    assert "Traceback" not in err
+    worker.communicate()
+
+    resumed = finish(start_workers(workdir, [[*flags, "--resume"]] * 2, ports))
+    for code, _, err in resumed:
+        assert code == 0, err[-3000:]
+    assert "Resuming the supernet phase" in resumed[0][1]
+    epochs = [int(row["epoch"]) for row in read_csv(workdir / "supernet" / "metrics.csv")]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(workdir / "report.json"))["phases"]
+
+    # The same checkpoint exported by one process gives the same model.
+    import numpy as np
+    import onnxruntime as ort
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("config.json", "architecture.json", "finetune", "mask"):
+        source = workdir / name
+        target = alone / name
+        if source.is_dir():
+            import shutil
+
+            shutil.copytree(source, target)
+        else:
+            target.write_bytes(source.read_bytes())
+    result = subprocess.run(
+        [sys.executable, "tools/export_model.py", f"--workdir={alone}"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32")
+    outputs = []
+    for root in (workdir, alone):
+        session = ort.InferenceSession(str(root / "export" / "model.onnx"))
+        outputs.append(session.run(None, {session.get_inputs()[0].name: images})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
