@@ -295,6 +295,7 @@ class RunConfig:
     from the supernet's weights or from scratch; `architecture` an existing
     architecture.json to train instead of deriving one; `supernet_checkpoint`
     a trained supernet from another run for runs without the supernet phase.
+    `jit_compile`: XLA-compile each training and test step (one replica only).
     `deterministic`: TensorFlow's op determinism on top of the seeds, so that a
     run (and a killed, resumed one) gives bitwise the same result.
     `scratch_masks`: with `finetune_init="scratch"`, keep the architecture's
@@ -317,6 +318,7 @@ class RunConfig:
     seed: int = 0
     strategy: str = "default"
     deterministic: bool = False
+    jit_compile: bool = False
     scratch_masks: bool = True
     random_sample: int = 0
 
@@ -380,6 +382,7 @@ class RunConfig:
             seed=values["seed"],
             strategy=values["strategy"],
             deterministic=values.get("deterministic", False),
+            jit_compile=values.get("jit_compile", False),
             # Runs written before --scratch_masks existed trained from scratch densely.
             scratch_masks=values.get("scratch_masks", False),
             random_sample=values.get("random_sample", 0),

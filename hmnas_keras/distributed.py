@@ -208,14 +208,51 @@ def distribute_batches(strategy, dataset: tf.data.Dataset):
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+def _padded(replicas: int):
+    """(images, labels) -> (images, labels, weights), padded with weight-0 copies of the first
+    image to a multiple of `replicas`, so that no replica gets an empty part."""
+
+    def pad(images, labels):
+        count = tf.shape(labels)[0]
+        padded = (count + replicas - 1) // replicas * replicas
+        indices = tf.concat([tf.range(count), tf.zeros([padded - count], tf.int32)], 0)
+        weights = tf.cast(tf.range(padded) < count, tf.float32)
+        return tf.gather(images, indices), tf.gather(labels, indices), weights
+
+    return pad
+
+
 def evaluation_data(strategy, dataset: tf.data.Dataset) -> dict:
-    """`evaluate()`'s x and steps for a finite `dataset` of global batches (a distributed
-    dataset has no length of its own, and Keras would warn when it ends)."""
-    return {"x": distribute_batches(strategy, dataset), "steps": int(dataset.cardinality())}
+    """`evaluate()`'s x and steps for a finite `dataset` of (images, labels) global batches.
 
-
-def check_batch_size(strategy, batch_size: int) -> None:
+    Under several replicas a partial batch is padded with weight-0 images to a multiple of
+    the replicas (a replica's empty part breaks strided ops); a distributed dataset has no
+    length of its own, and Keras would warn when it ends, hence the steps.
+    """
+    steps = int(dataset.cardinality())
     replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        dataset = dataset.map(_padded(replicas))
+    return {"x": distribute_batches(strategy, dataset), "steps": steps}
+
+
+def check_settings(strategy, config) -> None:
+    """Refuses what the strategy cannot run as asked (a ClusterError saying what to do)."""
+    replicas = strategy.num_replicas_in_sync
+    batch_size = config.data.batch_size
+    if replicas > 1 and config.supernet.second_order and "supernet" in config.phases:
+        raise ClusterError(
+            f"--second_order under {replicas} replicas would take each replica's unrolled step "
+            "on its own part of the batch, which is not one device's architecture gradient. "
+            "Search with second order on one device (--strategy=default, one GPU), or drop "
+            "--second_order."
+        )
+    if replicas > 1 and config.jit_compile:
+        raise ClusterError(
+            f"--jit_compile compiles one device's step; under {replicas} replicas the step's "
+            "variables live on several devices, which XLA cannot compile. Drop --jit_compile, "
+            "or train on one device."
+        )
     if batch_size % replicas:
         raise ClusterError(
             f"--batch_size={batch_size} is the global batch, split over {replicas} replicas: "

@@ -290,3 +290,54 @@ def test_a_killed_worker_stops_the_cluster_and_resume_finishes_every_phase(tmp_p
         session = ort.InferenceSession(str(root / "export" / "model.onnx"))
         outputs.append(session.run(None, {session.get_inputs()[0].name: images})[0])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+class _Replicas:
+    def __init__(self, count):
+        self.num_replicas_in_sync = count
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"data": {"batch_size": 15}}, "must be a multiple of 2"),
+        ({"supernet": {"second_order": True}}, "--second_order under 2 replicas"),
+        ({"jit_compile": True}, "--jit_compile compiles one device's step"),
+    ],
+)
+def test_what_several_replicas_cannot_run_is_refused(changes, message):
+    from hmnas_keras.config import RunConfig
+    from hmnas_keras.distributed import check_settings
+
+    values = RunConfig().to_dict()
+    for key, value in changes.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    config = RunConfig.from_dict(values)
+    check_settings(_Replicas(1), config)  # one replica runs all of them
+    with pytest.raises(ClusterError, match=message):
+        check_settings(_Replicas(2), config)
+
+
+def test_jit_compile_trains_on_one_device(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hmnas_keras.search",
+            f"--workdir={workdir}",
+            *TINY,
+            "--phases=supernet",
+            "--supernet_epochs=1",
+            "--warmup_epochs=0",
+            "--jit_compile",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(workdir / "config.json"))["jit_compile"] is True
+    (row,) = read_csv(workdir / "supernet" / "metrics.csv")
+    assert 0.0 < float(row["loss"]) < 2.5 and 0.0 < float(row["arch_loss"]) < 2.5

@@ -104,7 +104,8 @@ def test_killed_run_resumes_with_a_continuous_history(tmp_path):
 # Trains the same supernet 3 steps on one device and with MirroredStrategy over two logical
 # CPUs (the --strategy=mirrored --logical_cpus=2 path), at the same global batch of 16. Each
 # batch is two copies of 8 images, so each replica sees the same 8 images and its BN batch
-# statistics, loss and gradients are the whole batch's: the two runs must agree.
+# statistics, loss and gradients are the whole batch's: the two runs must agree. Then both
+# evaluate the test split, which must equal the network's own loss and accuracy over it.
 MIRRORED_VS_ONE_DEVICE = """
 import json
 import numpy as np
@@ -113,7 +114,7 @@ from hmnas_keras.runtime import configure_tensorflow
 configure_tensorflow(0, 2)
 from hmnas_keras.config import DataConfig, RunConfig, SupernetConfig
 from hmnas_keras.data import make_search_data
-from hmnas_keras.distributed import make_strategy
+from hmnas_keras.distributed import distribute_batches, evaluation_data, make_strategy
 from hmnas_keras.pipeline.supernet_phase import build_search
 from hmnas_keras.space.search_space import SearchSpace
 config = RunConfig(
@@ -133,15 +134,26 @@ for name in ("default", "mirrored"):
     with strategy.scope():
         search = build_search(config, data)
         start = [np.array(v) for v in search.supernet.weights]
-    search.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+    search.fit(distribute_batches(strategy, dataset), epochs=1, steps_per_epoch=3, verbose=0)
+    # Batches of 359 and 1 images: the last is padded with a weight-0 copy for the other replica.
+    test = search.evaluate(**evaluation_data(strategy, data.test_dataset(359)), verbose=0,
+                           return_dict=True)
+    images = (data.test_images / 255.0 - data.mean) / data.std
+    logits = search.supernet(images.astype("float32"), training=False)
+    losses = tf.keras.losses.sparse_categorical_crossentropy(
+        data.test_labels, logits, from_logits=True)
+    reference = {"loss": float(np.mean(losses)),
+                 "accuracy": float(np.mean(np.argmax(logits, -1) == data.test_labels))}
     runs[name] = (strategy.num_replicas_in_sync, start,
-                  [np.array(v) for v in search.supernet.weights])
-(n1, start, one), (n2, _, two) = runs["default"], runs["mirrored"]
+                  [np.array(v) for v in search.supernet.weights], test, reference)
+(n1, start, one, test1, ref1), (n2, _, two, test2, ref2) = runs["default"], runs["mirrored"]
 print(json.dumps({
     "replicas": [n1, n2],
     "moved": max(float(np.abs(a - b).max()) for a, b in zip(one, start)),
     "difference": max(float(np.abs(a - b).max()) for a, b in zip(one, two)),
     "scale": max(float(np.abs(a).max()) for a in one),
+    "tests": [test1, test2],
+    "references": [ref1, ref2],
 }))
 """
 
@@ -159,6 +171,13 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_one_device():
     assert figures["replicas"] == [1, 2]
     assert figures["moved"] > 1e-3  # the steps changed the weights, α and β
     assert figures["difference"] <= 1e-4 * max(1.0, figures["scale"]), figures
+    # Evaluation counts every image once, whatever the replicas (padding excluded), and
+    # every replica evaluates with the first replica's BatchNorm statistics.
+    for test, reference in zip(figures["tests"], figures["references"], strict=True):
+        assert test["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+        assert test["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-6)
+    one, two = figures["tests"]
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize(

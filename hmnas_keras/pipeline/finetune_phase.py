@@ -91,7 +91,8 @@ def build_finetune(config: RunConfig, data: SearchData, workdir: Workdir, archit
         train.learning_rate, total_steps, alpha=train.learning_rate_min / train.learning_rate
     )
     finetune.compile(
-        keras.optimizers.SGD(learning_rate, momentum=train.momentum, name="finetune_optimizer")
+        keras.optimizers.SGD(learning_rate, momentum=train.momentum, name="finetune_optimizer"),
+        jit_compile=config.jit_compile,
     )
     finetune.build_finetune()
     return finetune

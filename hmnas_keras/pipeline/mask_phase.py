@@ -188,6 +188,7 @@ def build_masked_search(config: RunConfig, data: SearchData, supernet_arrays: di
         arch_mask_optimizer=keras.optimizers.Adam(
             _schedule(rates["arch_masks"], mask, steps), name="arch_mask_optimizer"
         ),
+        jit_compile=config.jit_compile,
     )
     masked.build_masks()
     return masked

@@ -78,7 +78,7 @@ def run(config: RunConfig, workdir: Workdir, strategy=None, cluster=None) -> dic
     import tensorflow as tf
 
     from hmnas_keras.data import describe, make_search_data
-    from hmnas_keras.distributed import Cluster, barrier, check_batch_size, make_strategy
+    from hmnas_keras.distributed import Cluster, barrier, check_settings, make_strategy
     from hmnas_keras.pipeline.report import write_report
 
     started = time.monotonic()
@@ -86,7 +86,7 @@ def run(config: RunConfig, workdir: Workdir, strategy=None, cluster=None) -> dic
         tf.config.experimental.enable_op_determinism()
     strategy = strategy or make_strategy(config.strategy)
     cluster = cluster or Cluster.of(strategy, workdir.root)
-    check_batch_size(strategy, config.data.batch_size)
+    check_settings(strategy, config)
     data = make_search_data(config.data, config.seed)
     print(f"Data: {describe(data)} ({time.monotonic() - started:.1f} s to load)")
     where = f", {cluster.name}" if cluster.multi_worker else ""

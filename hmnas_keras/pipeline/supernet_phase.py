@@ -81,6 +81,7 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
         arch_optimizer=keras.optimizers.Adam(
             train.arch_learning_rate, beta_1=train.arch_beta_1, beta_2=0.999, name="arch_optimizer"
         ),
+        jit_compile=config.jit_compile,
     )
     search.build_search(data.image_shape)
     return search

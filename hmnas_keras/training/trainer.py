@@ -95,8 +95,10 @@ class NetworkTrainer(keras.Model):
         """
         strategy = self.distribute_strategy
         metrics = {m.name: m for m in self.metrics}
+        if self.jit_compile:  # XLA compiles the step, not the iterator around it
+            step = tf.function(step, jit_compile=True, reduce_retracing=True, autograph=False)
 
-        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile, autograph=False)
+        @tf.function(reduce_retracing=True, autograph=False)
         def one_step(iterator):
             logs = strategy.run(step, args=(next(iterator),))
             if whole_batch_metrics:
@@ -171,11 +173,14 @@ class NetworkTrainer(keras.Model):
     def test_step(self, data):
         """Inference-mode loss and accuracy (the only metrics `evaluate()` reports).
 
-        The loss is averaged over images, not batches: a partial last batch, or a
-        replica's empty part of one, counts for the images it holds.
+        The loss is averaged over images, not batches: a partial last batch counts
+        for the images it holds. `data` may carry per-image weights as a third
+        element (0 for the padding `distributed.evaluation_data` adds).
         """
-        images, labels = data
+        images, labels, *weights = data
+        weights = weights[0] if weights else None
         logits = self.network(images, training=False)
         losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        self.update_metrics(losses, labels, logits)
+        self.loss_metric.update_state(losses, sample_weight=weights)
+        self.accuracy_metric.update_state(labels, logits, sample_weight=weights)
         return {m.name: m.result() for m in (self.loss_metric, self.accuracy_metric)}
