@@ -319,11 +319,11 @@ class Cluster:
             strategy, root, is_multi_worker(strategy), is_chief(strategy), task_name(strategy)
         )
 
-    def own_root(self) -> str:
+    def own_root(self, leave_out: tuple[str, ...] = ()) -> str:
         """The folder this task writes: the workdir for the chief; for another task of a
         cluster, a temporary copy of what the chief's workdir holds now (checkpoints to
-        resume from, earlier phases' outputs), without exports, pictures or TensorBoard
-        logs. A collective in a cluster: the chief goes on once every copy is made."""
+        resume from, earlier phases' outputs) without the names in `leave_out`. A collective
+        in a cluster: the chief goes on once every copy is made."""
         if not self.multi_worker:
             return self.root
         if not self.chief and self.scratch is None:
@@ -334,9 +334,7 @@ class Cluster:
                     self.root,
                     self.scratch,
                     dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(
-                        "export", "pictures", "tensorboard", ".write-test*"
-                    ),
+                    ignore=shutil.ignore_patterns(*leave_out, ".write-test*"),
                 )
             # SIGTERM ends the process through Python, so that `cleanup` still runs.
             signal.signal(signal.SIGTERM, lambda signum, frame: _exit_on_signal(signum))

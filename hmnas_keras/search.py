@@ -511,7 +511,8 @@ def main(argv):
             config = join_cluster(cluster)
         else:
             config = prepare_workdir(FLAGS.workdir, FLAGS.resume)
-        run(config, Workdir.of_run(cluster.own_root(), config), strategy, cluster)
+        root = cluster.own_root(Workdir.CHIEF_ONLY)
+        run(config, Workdir.of_run(root, config), strategy, cluster)
     except (
         UsageError,
         ClusterError,

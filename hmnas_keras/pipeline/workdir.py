@@ -125,6 +125,9 @@ class Workdir:
     ARCHITECTURE = "architecture.json"
     # architecture.json names the weight masks by this path, relative to the workdir.
     WEIGHT_MASKS = os.path.join("mask", "weight_masks.npz")
+    # What the other tasks of a multi-worker run leave out of their copy of the workdir:
+    # what only the chief writes, and nothing reads back.
+    CHIEF_ONLY = ("export", "pictures", "tensorboard")
 
     def __init__(self, root: str, supernet_checkpoint: str | None = None):
         self.root = root
