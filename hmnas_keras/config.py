@@ -296,6 +296,7 @@ class RunConfig:
     architecture.json to train instead of deriving one; `supernet_checkpoint`
     a trained supernet from another run for runs without the supernet phase.
     `jit_compile`: XLA-compile each training and test step (one replica only).
+    `mixed_precision`: train with Keras' mixed_float16 policy and dynamic loss scaling.
     `deterministic`: TensorFlow's op determinism on top of the seeds, so that a
     run (and a killed, resumed one) gives bitwise the same result.
     `scratch_masks`: with `finetune_init="scratch"`, keep the architecture's
@@ -319,6 +320,7 @@ class RunConfig:
     strategy: str = "default"
     deterministic: bool = False
     jit_compile: bool = False
+    mixed_precision: bool = False
     scratch_masks: bool = True
     random_sample: int = 0
 
@@ -383,6 +385,7 @@ class RunConfig:
             strategy=values["strategy"],
             deterministic=values.get("deterministic", False),
             jit_compile=values.get("jit_compile", False),
+            mixed_precision=values.get("mixed_precision", False),
             # Runs written before --scratch_masks existed trained from scratch densely.
             scratch_masks=values.get("scratch_masks", False),
             random_sample=values.get("random_sample", 0),

@@ -247,6 +247,11 @@ def check_settings(strategy, config) -> None:
             "Search with second order on one device (--strategy=default, one GPU), or drop "
             "--second_order."
         )
+    if config.mixed_precision and config.supernet.second_order and "supernet" in config.phases:
+        raise ClusterError(
+            "--second_order takes finite differences of gradients (ε ~ 0.01 / ‖∇‖), which "
+            "float16 cannot resolve: drop --mixed_precision or --second_order."
+        )
     if replicas > 1 and config.jit_compile:
         raise ClusterError(
             f"--jit_compile compiles one device's step; under {replicas} replicas the step's "

@@ -112,6 +112,13 @@ flags.DEFINE_bool(
     "slower). One replica only: XLA cannot compile a step whose variables live on several "
     "devices.",
 )
+flags.DEFINE_bool(
+    "mixed_precision",
+    False,
+    "Train with Keras' mixed_float16 policy (for GPUs with float16 units): convolutions and "
+    "pools compute in float16, with dynamic loss scaling; variables, BatchNorm, the op and "
+    "edge weights, the masks and the logits stay float32. The export is float32.",
+)
 flags.DEFINE_integer(
     "slurm_port_base",
     8888,
@@ -325,6 +332,7 @@ OTHER_FLAG_FIELDS = {
             "strategy",
             "deterministic",
             "jit_compile",
+            "mixed_precision",
             "scratch_masks",
             "random_sample",
         )
@@ -363,6 +371,7 @@ def config_from_flags() -> RunConfig:
         strategy=FLAGS.strategy,
         deterministic=FLAGS.deterministic,
         jit_compile=FLAGS.jit_compile,
+        mixed_precision=FLAGS.mixed_precision,
         scratch_masks=FLAGS.scratch_masks,
         random_sample=FLAGS.random_sample,
     )

@@ -341,3 +341,95 @@ def test_jit_compile_trains_on_one_device(tmp_path):
     assert json.load(open(workdir / "config.json"))["jit_compile"] is True
     (row,) = read_csv(workdir / "supernet" / "metrics.csv")
     assert 0.0 < float(row["loss"]) < 2.5 and 0.0 < float(row["arch_loss"]) < 2.5
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def test_mixed_precision_with_second_order_is_refused_on_any_device():
+    from hmnas_keras.config import RunConfig, SupernetConfig
+    from hmnas_keras.distributed import check_settings
+
+    config = RunConfig(supernet=SupernetConfig(second_order=True), mixed_precision=True)
+    with pytest.raises(ClusterError, match="float16 cannot resolve"):
+        check_settings(_Replicas(1), config)
+
+
+def test_loss_scaling_unscales_clips_and_skips_steps_that_overflow():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from hmnas_keras.training.trainer import apply_weight_gradients, mixed_precision_optimizer
+
+    variable = keras.Variable(np.ones(2, "float32"))
+    optimizer = mixed_precision_optimizer(keras.optimizers.SGD(0.5, name="sgd"), True)
+    optimizer.build([variable])
+    scale = float(optimizer.dynamic_scale)
+    assert scale > 1.0
+    # Gradients of the scaled loss: the step unscales them before the clip (norm 5 -> 1).
+    apply_weight_gradients(optimizer, [tf.constant([3.0, 4.0]) * scale], [variable], 0.0, 1.0)
+    np.testing.assert_allclose(variable.numpy(), [1 - 0.5 * 0.6, 1 - 0.5 * 0.8], rtol=1e-6)
+    before = variable.numpy()
+    apply_weight_gradients(optimizer, [tf.constant([np.inf, 1.0])], [variable], 0.0, 1.0)
+    np.testing.assert_array_equal(variable.numpy(), before)  # the step was skipped
+    assert float(optimizer.dynamic_scale) == scale / 2
+
+
+def test_under_mixed_precision_only_convolutions_and_pools_compute_in_float16():
+    import keras
+    import numpy as np
+
+    from hmnas_keras.space.search_space import SearchSpace
+    from hmnas_keras.space.supernet import Supernet
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        space = SearchSpace(num_cells=2, channels=4, num_nodes=2)
+        supernet = Supernet(space, 10)
+        logits = supernet(np.zeros((2, 8, 8, 3), "float32"), training=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    assert {v.dtype for v in supernet.variables} == {"float32"}
+    layers = {type(layer).__name__: layer.compute_dtype for layer in supernet._flatten_layers()}
+    for name in ("PointwiseConv", "MaskableDepthwiseConv2D", "MaskableConv2D", "MaxPooling2D"):
+        assert layers[name] == "float16", name
+    for name in ("FusedBatchNorm", "MaskableBatchNormalization", "MaskableDense", "Cell"):
+        assert layers[name] == "float32", name
+
+
+def test_mixed_precision_trains_and_checkpoints_its_loss_scale(tmp_path):
+    import numpy as np
+
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hmnas_keras.search",
+            f"--workdir={workdir}",
+            *TINY,
+            "--phases=supernet",
+            "--supernet_epochs=1",
+            "--warmup_epochs=0",
+            "--mixed_precision",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(workdir / "config.json"))["mixed_precision"] is True
+    (row,) = read_csv(workdir / "supernet" / "metrics.csv")
+    assert 0.0 < float(row["loss"]) < 2.5 and 0.0 < float(row["arch_loss"]) < 2.5
+    checkpoint = np.load(workdir / "supernet" / "checkpoint.npz")
+    paths = json.loads(str(checkpoint["__paths__"]))
+    scales = [p for p in paths if p.endswith("dynamic_scale")]
+    assert scales == [
+        "weight_optimizer_loss_scale/dynamic_scale",
+        "arch_optimizer_loss_scale/dynamic_scale",
+    ]
+    arrays = [checkpoint[f"v{i:05d}"] for i in range(len(paths))]
+    assert not any(a.dtype == np.float16 for a in arrays)

@@ -32,6 +32,7 @@ from hmnas_keras.pipeline.derive_phase import read_weight_masks
 from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
 from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, Workdir
 from hmnas_keras.training.finetune import FineTune
+from hmnas_keras.training.trainer import mixed_precision_optimizer
 
 CSV_COLUMNS = (
     "epoch",
@@ -91,7 +92,10 @@ def build_finetune(config: RunConfig, data: SearchData, workdir: Workdir, archit
         train.learning_rate, total_steps, alpha=train.learning_rate_min / train.learning_rate
     )
     finetune.compile(
-        keras.optimizers.SGD(learning_rate, momentum=train.momentum, name="finetune_optimizer"),
+        mixed_precision_optimizer(
+            keras.optimizers.SGD(learning_rate, momentum=train.momentum, name="finetune_optimizer"),
+            config.mixed_precision,
+        ),
         jit_compile=config.jit_compile,
     )
     finetune.build_finetune()

@@ -40,6 +40,7 @@ from hmnas_keras.pipeline.derive_phase import (
 from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
 from hmnas_keras.pipeline.workdir import Workdir, read_json
 from hmnas_keras.training.masking import MaskedSearch, weight_mask_counts
+from hmnas_keras.training.trainer import mixed_precision_optimizer
 
 CSV_COLUMNS = (
     "epoch",
@@ -182,11 +183,17 @@ def build_masked_search(config: RunConfig, data: SearchData, supernet_arrays: di
     rates = learning_rates(config, data)
     steps = data.train_steps_per_epoch
     masked.compile(
-        weight_mask_optimizer=keras.optimizers.Adam(
-            _schedule(rates["weight_masks"], mask, steps), name="weight_mask_optimizer"
+        weight_mask_optimizer=mixed_precision_optimizer(
+            keras.optimizers.Adam(
+                _schedule(rates["weight_masks"], mask, steps), name="weight_mask_optimizer"
+            ),
+            config.mixed_precision,
         ),
-        arch_mask_optimizer=keras.optimizers.Adam(
-            _schedule(rates["arch_masks"], mask, steps), name="arch_mask_optimizer"
+        arch_mask_optimizer=mixed_precision_optimizer(
+            keras.optimizers.Adam(
+                _schedule(rates["arch_masks"], mask, steps), name="arch_mask_optimizer"
+            ),
+            config.mixed_precision,
         ),
         jit_compile=config.jit_compile,
     )

@@ -75,6 +75,7 @@ def run(config: RunConfig, workdir: Workdir, strategy=None, cluster=None) -> dic
     trains, but only the chief exports, draws and reports (the others return
     None once the chief is done).
     """
+    import keras
     import tensorflow as tf
 
     from hmnas_keras.data import describe, make_search_data
@@ -106,7 +107,11 @@ def run(config: RunConfig, workdir: Workdir, strategy=None, cluster=None) -> dic
         check_export_settings(config.export, len(data.weight_images) + len(data.arch_images))
     for name, runner in PHASE_RUNNERS.items():
         if name in config.phases and (cluster.chief or name != "export"):
+            # Mixed precision trains; the export, its checks and timings are float32.
+            mixed = config.mixed_precision and name != "export"
+            keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
             runner(config, data, workdir, strategy)
+    keras.mixed_precision.set_global_policy("float32")
     if not cluster.chief:
         print(f"{cluster.name}: training done; waiting for the chief's export and report.")
         barrier(strategy)

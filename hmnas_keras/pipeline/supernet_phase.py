@@ -24,6 +24,7 @@ from hmnas_keras.pipeline.workdir import SUPERNET_MODEL, Workdir
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.arch_step import ArchStepPolicy, ArchStepSchedule
 from hmnas_keras.training.bilevel import BilevelSearch
+from hmnas_keras.training.trainer import mixed_precision_optimizer
 
 CSV_COLUMNS = (
     "epoch",
@@ -75,11 +76,18 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
         train.learning_rate, total_steps, alpha=train.learning_rate_min / train.learning_rate
     )
     search.compile(
-        weight_optimizer=keras.optimizers.SGD(
-            learning_rate, momentum=train.momentum, name="weight_optimizer"
+        weight_optimizer=mixed_precision_optimizer(
+            keras.optimizers.SGD(learning_rate, momentum=train.momentum, name="weight_optimizer"),
+            config.mixed_precision,
         ),
-        arch_optimizer=keras.optimizers.Adam(
-            train.arch_learning_rate, beta_1=train.arch_beta_1, beta_2=0.999, name="arch_optimizer"
+        arch_optimizer=mixed_precision_optimizer(
+            keras.optimizers.Adam(
+                train.arch_learning_rate,
+                beta_1=train.arch_beta_1,
+                beta_2=0.999,
+                name="arch_optimizer",
+            ),
+            config.mixed_precision,
         ),
         jit_compile=config.jit_compile,
     )

@@ -12,6 +12,7 @@ masking, and fixed values in a searched network. A cell built from a
 import keras
 from keras import ops
 
+from hmnas_keras.space.maskable import FLOAT32
 from hmnas_keras.space.operations import FactorizedReduce, ReLUConvBN, build_op, half_split
 from hmnas_keras.space.search_space import (
     OP_NAMES,
@@ -43,6 +44,7 @@ class MixedOp(keras.layers.Layer):
         options=None,
         **kwargs,
     ):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         self.channels = channels
         self.stride = stride
@@ -147,6 +149,7 @@ class Cell(keras.layers.Layer):
         middle=None,
         **kwargs,
     ):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         self.channels = channels
         self.num_nodes = num_nodes

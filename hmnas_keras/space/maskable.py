@@ -33,6 +33,12 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+# The dtype policy of every layer but the convolutions and pools. Under mixed precision
+# (`--mixed_precision`, Keras' mixed_float16 global policy) only those compute in float16:
+# the cells, the op containers, BatchNormalization, the op and edge weights and masks that
+# mix their outputs, and the classifier stay float32 (their variables are float32 anyway).
+FLOAT32 = "float32"
+
 
 def _check_mask(mask) -> None:
     if mask is not None and not callable(mask):
@@ -61,7 +67,8 @@ class MaskableKernel:
         """The kernel the forward pass uses."""
         if self._kernel_mask is None:
             return self.kernel
-        return self.kernel * self._kernel_mask()
+        # Under mixed precision the kernel is read in float16; the mask stays float32.
+        return self.kernel * ops.cast(self._kernel_mask(), self.compute_dtype)
 
     def _record_positions(self, outputs):
         self.output_positions = int(np.prod(outputs.shape[1:-1]))
@@ -69,9 +76,18 @@ class MaskableKernel:
 
 
 class MaskableBatchNormalization(keras.layers.BatchNormalization):
-    """BatchNormalization whose output can be multiplied by a mask (see module doc)."""
+    """BatchNormalization whose output can be multiplied by a mask (see module doc).
+
+    It computes in float32 whatever the global dtype policy: under mixed precision
+    the convolutions compute in float16 and every BN brings their outputs back to
+    float32, so that what the op and edge weights mix is float32.
+    """
 
     _output_mask = None
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)
+        super().__init__(*args, **kwargs)
 
     def set_output_mask(self, mask: Callable | None) -> None:
         """Uses `outputs * mask()` from now on (None: the outputs as they are)."""
@@ -114,7 +130,12 @@ class MaskableDepthwiseConv2D(MaskableKernel, keras.layers.DepthwiseConv2D):
 
 
 class MaskableDense(MaskableKernel, keras.layers.Dense):
-    """Dense with a maskable kernel (the classifier); the bias is not masked."""
+    """Dense with a maskable kernel (the classifier); the bias is not masked. It computes
+    in float32 whatever the global dtype policy, so that the logits are float32."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)
+        super().__init__(*args, **kwargs)
 
     def call(self, inputs):
         outputs = ops.matmul(inputs, self.masked_kernel())

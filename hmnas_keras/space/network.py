@@ -4,7 +4,12 @@ import keras
 from keras import ops
 
 from hmnas_keras.space.cell import Cell
-from hmnas_keras.space.maskable import MaskableBatchNormalization, MaskableConv2D, MaskableDense
+from hmnas_keras.space.maskable import (
+    FLOAT32,
+    MaskableBatchNormalization,
+    MaskableConv2D,
+    MaskableDense,
+)
 from hmnas_keras.space.search_space import SearchSpace
 
 
@@ -34,6 +39,7 @@ class CellNetwork(keras.Model):
         stem_channels: int | None = None,
         **kwargs,
     ):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(

@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from hmnas_keras.space.maskable import (
+    FLOAT32,
     MaskableBatchNormalization,
     MaskableDepthwiseConv2D,
     PointwiseConv,
@@ -71,6 +72,7 @@ class ReLUConvBN(keras.layers.Layer):
     """ReLU, then a 1x1 convolution to `channels`, then BatchNormalization (cell preprocessing)."""
 
     def __init__(self, channels: int, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         self.channels = channels
         self.conv = PointwiseConv(channels, name="conv")
@@ -92,6 +94,7 @@ class _ConvOp(keras.layers.Layer):
     """An operation with `channels` outputs, a square `kernel_size` and a `stride`."""
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         _check_stride(stride)
         self.channels = channels
@@ -176,6 +179,7 @@ class Pool(keras.layers.Layer):
     """3x3 max or average pooling (padding excluded from averages), then BN."""
 
     def __init__(self, channels: int, kind: str, stride: int = 1, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         _check_stride(stride)
         if kind not in ("max", "avg"):
@@ -220,6 +224,7 @@ class FactorizedReduce(keras.layers.Layer):
     """
 
     def __init__(self, channels: int, split: tuple[int, int] | None = None, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
         super().__init__(**kwargs)
         self.channels = channels
         self.split = tuple(split or half_split(channels))
@@ -252,6 +257,10 @@ class FactorizedReduce(keras.layers.Layer):
 
 class Identity(keras.layers.Layer):
     """The stride-1 skip connection."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)  # see maskable.FLOAT32
+        super().__init__(**kwargs)
 
     def call(self, x, training=None):
         return x

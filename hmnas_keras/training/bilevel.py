@@ -18,7 +18,14 @@ from keras import ops
 
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.arch_step import ArchStepPolicy
-from hmnas_keras.training.trainer import NetworkTrainer, cross_entropy, replica_scale
+from hmnas_keras.training.trainer import (
+    NetworkTrainer,
+    apply_unscaled,
+    cross_entropy,
+    replica_scale,
+    scaled_loss,
+    unscaled,
+)
 
 
 class BilevelSearch(NetworkTrainer):
@@ -138,7 +145,9 @@ class BilevelSearch(NetworkTrainer):
         if not self.second_order:
             with tf.GradientTape() as tape:
                 loss, logits = self._loss_on(arch_images, arch_labels)
-            return tape.gradient(loss, arch_vars), loss, logits
+                scaled = scaled_loss(loss, self.arch_optimizer)
+            grads = tape.gradient(scaled, arch_vars)
+            return unscaled(grads, self.arch_optimizer), loss, logits
 
         weight_images, weight_labels = weight_batch
         weight_vars = self.supernet.weight_variables
@@ -188,7 +197,7 @@ class BilevelSearch(NetworkTrainer):
             (g + self.arch_weight_decay * v.value) * scale
             for g, v in zip(grads, arch_vars, strict=True)
         ]
-        self.arch_optimizer.apply(grads, arch_vars)
+        apply_unscaled(self.arch_optimizer, grads, arch_vars)
         self.arch_loss.update_state(loss)
         self.arch_accuracy.update_state(arch_batch[1], logits)
 

@@ -71,7 +71,14 @@ from keras import ops
 from hmnas_keras.architecture.cost import MaskCost, channel_groups, supernet_norms
 from hmnas_keras.checkpoint import relative_path
 from hmnas_keras.space.supernet import Supernet
-from hmnas_keras.training.trainer import NetworkTrainer, cross_entropy, replica_scale
+from hmnas_keras.training.trainer import (
+    NetworkTrainer,
+    apply_unscaled,
+    cross_entropy,
+    replica_scale,
+    scaled_loss,
+    unscaled,
+)
 
 # λ's dual-ascent step per mask step, for a gap cost/target − 1 of 1.
 DUAL_RATE = 0.05
@@ -399,16 +406,20 @@ class MaskedSearch(NetworkTrainer):
         with tf.GradientTape(persistent=self.target is not None) as tape:
             logits = self.supernet(images, training=True)
             loss = cross_entropy(labels, logits)
+            scaled = scaled_loss(loss, self.weight_mask_optimizer)
             if self.target is not None:
                 ratio = self.cost_ratio()
-        grads = _dense(tape.gradient(loss, variables), variables)
+        grads = _dense(tape.gradient(scaled, variables), variables)
+        grads = unscaled(grads, self.weight_mask_optimizer)
         if self.target is not None:
             cost_grads = _dense(tape.gradient(ratio, variables), variables)
             # λ is dimensionless: the cost's gradient is rescaled to the largest norm
             # the cross-entropy's gradient has had, so that λ = 1 weighs them equally
             # on any dataset, and the cost term stays as strong where the cross-entropy's
             # gradient vanishes (a network pruned to nothing must be pushed back up).
-            scale = ops.maximum(self.gradient_scale, tf.linalg.global_norm(grads))
+            norm = tf.linalg.global_norm(grads)  # not finite: a step mixed precision skips
+            norm = tf.where(tf.math.is_finite(norm), norm, tf.zeros_like(norm))
+            scale = ops.maximum(self.gradient_scale, norm)
             self.gradient_scale.assign(scale)
             balance = scale / (tf.linalg.global_norm(cost_grads) + 1e-12)
             gap = ratio * self.target_count / self.ramped_target() - 1.0
@@ -427,9 +438,9 @@ class MaskedSearch(NetworkTrainer):
         scale = replica_scale()
         weight_masks, arch_masks = self.weight_mask_variables, self.arch_mask_variables
         grads = [g * scale for g in grads]
-        self.weight_mask_optimizer.apply(grads[: len(weight_masks)], weight_masks)
+        apply_unscaled(self.weight_mask_optimizer, grads[: len(weight_masks)], weight_masks)
         if arch_masks:
-            self.arch_mask_optimizer.apply(grads[len(weight_masks) :], arch_masks)
+            apply_unscaled(self.arch_mask_optimizer, grads[len(weight_masks) :], arch_masks)
         if self.target is not None:
             # BinaryConnect's clip: a real-valued mask stays within reach of τ, so that
             # the masks can follow λ both ways instead of drifting far from the threshold.

@@ -30,19 +30,60 @@ def replica_scale() -> float:
     return 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def mixed_precision_optimizer(optimizer, mixed_precision: bool):
+    """`optimizer`, wrapped in Keras' LossScaleOptimizer (dynamic loss scaling) under mixed
+    precision, where float16 gradients would underflow."""
+    if not mixed_precision:
+        return optimizer
+    return keras.optimizers.LossScaleOptimizer(optimizer, name=f"{optimizer.name}_loss_scale")
+
+
+def loss_scale(optimizer):
+    """The loss scale of a LossScaleOptimizer, else None."""
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+
+
+def scaled_loss(loss, optimizer):
+    """The loss to differentiate for `optimizer`'s variables (scaled under mixed precision)."""
+    scale = loss_scale(optimizer)
+    return loss if scale is None else loss * ops.cast(scale, loss.dtype)
+
+
+def unscaled(grads, optimizer) -> list:
+    """Gradients of `scaled_loss(loss, optimizer)` as gradients of `loss`."""
+    scale = loss_scale(optimizer)
+    return list(grads) if scale is None else [g / scale for g in grads]
+
+
+def apply_unscaled(optimizer, grads, variables, synchronized: bool = False) -> None:
+    """`optimizer.apply` for gradients of the unscaled loss: each replica's share, or (if
+    `synchronized`) the same on every replica. A LossScaleOptimizer gets them scaled back
+    and skips the step (lowering its scale) if one is not finite; so that every replica
+    judges the same gradients, shares are summed across replicas first."""
+    scale = loss_scale(optimizer)
+    if scale is not None:
+        if not synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            grads = [g * replica_scale() for g in _global_gradients(grads)]
+        grads = [g * scale for g in grads]
+    optimizer.apply(grads, variables)
+
+
 def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_norm):
     """One SGD-style update as in DARTS: global-norm clip, coupled L2 decay, apply.
 
-    Under a distribution strategy the per-replica gradients are summed first,
-    so that the clip sees the global gradient; the optimizer then sums what each
-    replica passes, so each hands it 1/replicas of the total.
+    `grads` are those of `scaled_loss(loss, optimizer)`. Under a distribution
+    strategy the per-replica gradients are summed first, so that the clip sees
+    the global gradient; the optimizer then sums what each replica passes, so
+    each hands it 1/replicas of the total.
     """
     scale = replica_scale()
-    grads = [g * scale for g in _global_gradients(grads)]
+    grads = [g * scale for g in _global_gradients(unscaled(grads, optimizer))]
     if grad_clip_norm > 0:
         grads, _ = tf.clip_by_global_norm(grads, grad_clip_norm)
     grads = [(g + weight_decay * v.value) * scale for g, v in zip(grads, variables, strict=True)]
-    optimizer.apply(grads, variables)
+    apply_unscaled(optimizer, grads, variables, synchronized=True)
 
 
 class NetworkTrainer(keras.Model):
@@ -161,9 +202,10 @@ class NetworkTrainer(keras.Model):
         with tf.GradientTape() as tape:
             logits = self.network(images, training=True)
             loss = cross_entropy(labels, logits)
+            scaled = scaled_loss(loss, optimizer)
         apply_weight_gradients(
             optimizer,
-            tape.gradient(loss, variables),
+            tape.gradient(scaled, variables),
             variables,
             self.weight_decay,
             self.grad_clip_norm,
