@@ -35,9 +35,6 @@ TF_CONFIG_EXAMPLE = (
 JOBS = ("chief", "worker")
 # Upper bound of what `all_gather_json` sends per task.
 MAX_MESSAGE_BYTES = 1 << 16
-# A killed peer is noticed by TensorFlow's health check, which probes every peer
-# every 30 s and gives up after 3 failed probes of up to 10 s each.
-PEER_FAILURE_SECONDS = 60
 
 
 class ClusterError(ValueError):

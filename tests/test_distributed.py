@@ -175,6 +175,14 @@ def test_workers_started_with_different_flags_refuse_together(tmp_path):
     assert sorted(os.listdir(workdir)) == ["config.json"]
 
 
+def test_a_cluster_of_one_task_trains_alone_and_says_so(tmp_path):
+    flags = [*TINY, "--phases=supernet", "--supernet_epochs=1", "--warmup_epochs=0"]
+    ((code, out, err),) = finish(start_workers(tmp_path / "run", [flags]))
+    assert code == 0, err[-3000:]
+    assert "multi_worker with a single task" in out and "1 replica(s), worker 0 of 1" in out
+    assert len(read_csv(tmp_path / "run" / "supernet" / "metrics.csv")) == 1
+
+
 # Trains the tiny supernet one epoch (10 steps, batch 16) on two worker processes and, in one
 # process, with MirroredStrategy over two logical CPUs: the same global batches and the same two
 # replicas, so the two runs must agree; then the same on one device, where the per-replica
