@@ -47,3 +47,43 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
         assert line["images_per_s"] == pytest.approx(2 / (line["median_ms"] / 1000), rel=0.01)
     # The supernet's weights, then the derived cell's (fewer).
     assert lines[0]["weights"] > lines[1]["weights"] > 0
+
+
+@pytest.mark.large
+def test_worker_benchmark_times_one_process_and_two_workers(tmp_path):
+    flagfile = tmp_path / "tiny.cfg"
+    flagfile.write_text(
+        "\n".join(
+            [
+                "--dataset=digits",
+                "--noaugment",
+                "--num_cells=2",
+                "--channels=4",
+                "--num_nodes=2",
+                "--batch_size=16",
+                "--train_subset=200",
+                "--test_subset=50",
+                "--ops=sep_conv_3x3,skip_connect",
+            ]
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "worker_benchmark.py"),
+            "--workers=1,2",
+            "--epochs=3",
+            "--rounds=1",
+            f"--flagfile_path={flagfile}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1] in "12"]
+    table = {row[0]: [float(v) for v in row[1:]] for row in rows if len(row) == 5}
+    assert set(table) == {"1", "2"}
+    assert all(v > 0 for values in table.values() for v in values)
+    assert table["1"][-1] == 1.0
