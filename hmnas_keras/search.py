@@ -556,7 +556,7 @@ def main(argv):
 
 def _strategy_name() -> str:
     """--strategy, or with --resume the strategy saved in the workdir's config.json."""
-    path = os.path.join(FLAGS.workdir, Workdir.CONFIG)
+    path = Workdir(FLAGS.workdir).config
     if FLAGS.resume and os.path.exists(path):
         try:
             with open(path) as handle:
