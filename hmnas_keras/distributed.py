@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 
 import numpy as np
@@ -42,6 +43,23 @@ class ClusterError(ValueError):
 
 
 # ------------------------------------------------------------------ the cluster
+
+
+def local_ports(count: int) -> list[int]:
+    """`count` free TCP ports on localhost (for a cluster of local processes)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def local_tf_config(ports: list[int], index: int) -> str:
+    """The TF_CONFIG of worker `index` of a cluster of local processes on `ports`."""
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
 
 
 def _check_tf_config(raw: str) -> dict:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_DIGITS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,21 +53,7 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
 @pytest.mark.large
 def test_worker_benchmark_times_one_process_and_two_workers(tmp_path):
     flagfile = tmp_path / "tiny.cfg"
-    flagfile.write_text(
-        "\n".join(
-            [
-                "--dataset=digits",
-                "--noaugment",
-                "--num_cells=2",
-                "--channels=4",
-                "--num_nodes=2",
-                "--batch_size=16",
-                "--train_subset=200",
-                "--test_subset=50",
-                "--ops=sep_conv_3x3,skip_connect",
-            ]
-        )
-    )
+    flagfile.write_text("\n".join([*TINY_DIGITS, "--ops=sep_conv_3x3,skip_connect"]))
     result = subprocess.run(
         [
             sys.executable,

@@ -13,9 +13,7 @@ take turns within every round. Measure on an idle machine.
 """
 
 import csv
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,16 +26,6 @@ flags.DEFINE_integer("epochs", 4, "Supernet epochs per run (the first a warm-up)
 flags.DEFINE_integer("rounds", 2, "Rounds; each times every worker count once.", lower_bound=1)
 flags.DEFINE_string("flagfile_path", "configs/quickstart.cfg", "The run's configuration.")
 FLAGS = flags.FLAGS
-
-
-def _ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def run_once(workers: int, folder: str) -> list[float]:
@@ -57,15 +45,14 @@ def run_once(workers: int, folder: str) -> list[float]:
     ]
     if workers > 1:
         command.append("--strategy=multi_worker")
-    ports = _ports(workers)
-    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    from hmnas_keras.distributed import local_ports, local_tf_config
+
+    ports = local_ports(workers)
     processes = []
     for index in range(workers):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         if workers > 1:
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            )
+            env["TF_CONFIG"] = local_tf_config(ports, index)
         processes.append(
             subprocess.Popen(
                 command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
