@@ -193,7 +193,8 @@ def _replica_part(element, replica: int, replicas: int):
     if size is not None and size % replicas == 0:
         part = size // replicas
         start, end = replica * part, (replica + 1) * part
-    else:  # a partial (test) batch: near-equal parts, some perhaps empty
+    else:  # a batch that does not split evenly: near-equal parts (`evaluation_data` pads
+        # its batches so that no part is empty, which strided ops cannot take)
         size = tf.shape(leaves[0], out_type=tf.int64)[0]
         start, end = replica * size // replicas, (replica + 1) * size // replicas
     return tf.nest.map_structure(lambda tensor: tensor[start:end], element)
