@@ -18,6 +18,7 @@ work in a temporary copy of it, removed at the end (`Cluster`).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -193,8 +194,7 @@ def _replica_part(element, replica: int, replicas: int):
     if size is not None and size % replicas == 0:
         part = size // replicas
         start, end = replica * part, (replica + 1) * part
-    else:  # a batch that does not split evenly: near-equal parts (`evaluation_data` pads
-        # its batches so that no part is empty, which strided ops cannot take)
+    else:  # unknown (the padded test batches) or uneven size: near-equal parts at run time
         size = tf.shape(leaves[0], out_type=tf.int64)[0]
         start, end = replica * size // replicas, (replica + 1) * size // replicas
     return tf.nest.map_structure(lambda tensor: tensor[start:end], element)
@@ -415,6 +415,5 @@ def config_differences(mine: dict, chief: dict, prefix: str = "") -> list[str]:
 
 
 def config_hash(config: dict) -> str:
-    import hashlib
-
+    """A short hash of a configuration dictionary, as the tasks compare it."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

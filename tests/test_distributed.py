@@ -298,13 +298,20 @@ def test_what_several_replicas_cannot_run_is_refused(changes, message):
         check_settings(_Replicas(2), config)
 
 
-def test_jit_compile_trains_on_one_device(tmp_path):
+def trains_one_epoch_with(tmp_path, setting):
+    """The workdir of a one-epoch supernet run with --`setting`, checked: the setting is in
+    config.json, and the weight and architecture losses are finite and below chance's."""
     workdir = tmp_path / "run"
-    result = search(workdir, *ONE_EPOCH, "--jit_compile")
+    result = search(workdir, *ONE_EPOCH, f"--{setting}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.load(open(workdir / "config.json"))["jit_compile"] is True
+    assert json.load(open(workdir / "config.json"))[setting] is True
     (row,) = read_csv(workdir / "supernet" / "metrics.csv")
     assert 0.0 < float(row["loss"]) < 2.5 and 0.0 < float(row["arch_loss"]) < 2.5
+    return workdir
+
+
+def test_jit_compile_trains_on_one_device(tmp_path):
+    trains_one_epoch_with(tmp_path, "jit_compile")
 
 
 # ------------------------------------------------------------------ mixed precision
@@ -366,12 +373,7 @@ def test_under_mixed_precision_only_convolutions_and_pools_compute_in_float16():
 def test_mixed_precision_trains_and_checkpoints_its_loss_scale(tmp_path):
     import numpy as np
 
-    workdir = tmp_path / "run"
-    result = search(workdir, *ONE_EPOCH, "--mixed_precision")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.load(open(workdir / "config.json"))["mixed_precision"] is True
-    (row,) = read_csv(workdir / "supernet" / "metrics.csv")
-    assert 0.0 < float(row["loss"]) < 2.5 and 0.0 < float(row["arch_loss"]) < 2.5
+    workdir = trains_one_epoch_with(tmp_path, "mixed_precision")
     checkpoint = np.load(workdir / "supernet" / "checkpoint.npz")
     paths = json.loads(str(checkpoint["__paths__"]))
     scales = [p for p in paths if p.endswith("dynamic_scale")]

@@ -165,7 +165,7 @@ class NetworkTrainer(keras.Model):
 
             def share():
                 context = tf.distribute.get_replica_context()
-                first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float32)
+                first = tf.equal(context.replica_id_in_sync_group, 0)
                 values = context.all_reduce(
                     tf.distribute.ReduceOp.SUM, [v * tf.cast(first, v.dtype) for v in variables]
                 )
