@@ -114,3 +114,76 @@ def test_edge_weights_sum_to_one_per_node():
         [weights[:2].sum(), weights[2:5].sum(), weights[5:].sum()], 1, rtol=1e-6
     )
     assert float(ops.sum(net.op_weights("reduce"))) == pytest.approx(9.0, rel=1e-5)
+
+
+def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_would():
+    """Traced, the supernet calls one function per kind of edge (`SharedCalls`); the loss,
+    every gradient (weights, α, β, kernel and BatchNorm-output masks), every edge's
+    BatchNorm statistics and the recorded output positions equal those of edge-by-edge
+    calls."""
+    import keras
+    import tensorflow as tf
+
+    from hmnas_keras.space.maskable import MaskableBatchNormalization
+
+    rng = np.random.default_rng(3)
+    space = SearchSpace(num_cells=2, channels=4, num_nodes=2, op_names=OPS)
+    images = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 1])
+    networks = []
+    for shared in (True, False):
+        network = Supernet(space, num_classes=3)
+        network(images[:1], training=False)
+        if not shared:
+            network.set_weights(networks[0][0].get_weights())
+            for cell in network.cells:
+                for mixed_op in cell.edge_ops:
+                    mixed_op.shared_calls = None
+        # Masks read `scale`, so that their gradients flow: half the entries of each kernel,
+        # and the outputs of the BatchNormalizations inside the first edge of each cell.
+        scale = keras.Variable(1.5, name="mask_scale")
+        mask_rng = np.random.default_rng(4)
+        for layer in network.kernel_layers():
+            mask = (mask_rng.random(layer.kernel.shape) < 0.5).astype("float32")
+            layer.set_kernel_mask(lambda mask=mask, scale=scale: scale * mask)
+        for cell in network.cells:
+            for norm in cell.edge_ops[0]._flatten_layers():
+                if isinstance(norm, MaskableBatchNormalization):
+                    mask = (mask_rng.random(norm.moving_mean.shape) < 0.5).astype("float32")
+                    norm.set_output_mask(lambda mask=mask, scale=scale: scale * mask)
+        networks.append((network, scale))
+
+    def step(network, scale):
+        @tf.function(autograph=False)
+        def traced():
+            with tf.GradientTape() as tape:
+                logits = network(images, training=True)
+                loss = ops.mean(
+                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                )
+            return loss, tape.gradient(loss, network.trainable_variables + [scale])
+
+        return traced()
+
+    (shared, shared_scale), (plain, plain_scale) = networks
+    shared_loss, shared_grads = step(shared, shared_scale)
+    plain_loss, plain_grads = step(plain, plain_scale)
+    np.testing.assert_allclose(float(shared_loss), float(plain_loss), rtol=1e-6)
+    names = [v.path for v in shared.trainable_variables] + ["mask_scale"]
+    assert [n for n, g in zip(names, shared_grads) if g is None] == []
+    assert len(shared_grads) == len(plain_grads) > 2 + 4 * 10
+    for got, expected in zip(shared_grads, plain_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-6)
+    for got, expected in zip(shared.non_trainable_variables, plain.non_trainable_variables):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    moving = [np.asarray(v) for v in shared.non_trainable_variables if "moving_mean" in v.path]
+    assert len({m.tobytes() for m in moving}) == len(moving)  # each edge its own statistics
+    positions = [layer.output_positions for layer in shared.kernel_layers()]
+    assert None not in positions
+    assert positions == [layer.output_positions for layer in plain.kernel_layers()]
+    calls = shared.cells[0].edge_ops[0].shared_calls
+    # Per cell, its 4 stride-2 edges and its stride-1 edge; the first edge's masked
+    # BatchNormalization outputs make it a kind of its own: 6 kinds traced for 10 edges.
+    assert sum(len(cell.edge_ops) for cell in shared.cells) == 10
+    assert sum(1 for key in calls._functions if key[-1]) == 6  # key[-1]: training
+    assert all(op.shared_calls is calls for cell in shared.cells for op in cell.edge_ops)
