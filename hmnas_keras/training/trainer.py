@@ -57,6 +57,85 @@ def unscaled(grads, optimizer) -> list:
     return list(grads) if scale is None else [g / scale for g in grads]
 
 
+def _fusable(optimizer) -> bool:
+    """Whether `fused_apply` computes exactly what `optimizer.apply` would."""
+    if type(optimizer) is keras.optimizers.SGD:
+        plain = not optimizer.nesterov
+    elif type(optimizer) is keras.optimizers.Adam:
+        plain = not optimizer.amsgrad
+    else:
+        return False
+    return (
+        plain
+        and optimizer.built
+        and not optimizer.use_ema
+        and optimizer.weight_decay is None
+        and optimizer.clipnorm is None
+        and optimizer.clipvalue is None
+        and optimizer.global_clipnorm is None
+        and optimizer.loss_scale_factor is None
+        and optimizer.gradient_accumulation_steps is None
+        and tf.distribute.get_strategy().num_replicas_in_sync == 1
+    )
+
+
+def fused_apply(optimizer, grads, variables) -> bool:
+    """`optimizer.apply(grads, variables)` with one TensorFlow training op per variable.
+
+    Keras' SGD and Adam update each variable with 5–10 separate ops (casts,
+    products, reads, assignments); a supernet has hundreds of variables, and
+    those ops were a third of the traced step. TensorFlow's fused kernels
+    (ResourceApplyKerasMomentum, the same update as Keras' SGD; ResourceApplyAdam,
+    Keras' Adam) compute the same update with the optimizer's own slot variables,
+    so checkpoints are unchanged. Returns False, applying nothing, for what they do
+    not cover (other optimizers, nesterov/amsgrad, clipping or decay options, EMA,
+    gradient accumulation, several replicas): then call `optimizer.apply`.
+    """
+    if not _fusable(optimizer):
+        return False
+    dtype = "float32"
+    if any(v.dtype != dtype for v in variables):
+        return False
+    learning_rate = tf.cast(optimizer.learning_rate, dtype)
+    if type(optimizer) is keras.optimizers.SGD:
+        momentum = tf.constant(optimizer.momentum, dtype)
+        for grad, variable in zip(grads, variables, strict=True):
+            if optimizer.momentum == 0:
+                tf.raw_ops.ResourceApplyGradientDescent(
+                    var=variable.handle, alpha=learning_rate, delta=grad
+                )
+                continue
+            accumulator = optimizer.momentums[optimizer._get_variable_index(variable)]
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=variable.handle,
+                accum=accumulator.handle,
+                lr=learning_rate,
+                grad=grad,
+                momentum=momentum,
+            )
+    else:
+        step = tf.cast(optimizer.iterations + 1, dtype)
+        beta_1, beta_2 = tf.constant(optimizer.beta_1, dtype), tf.constant(optimizer.beta_2, dtype)
+        beta_1_power, beta_2_power = tf.pow(beta_1, step), tf.pow(beta_2, step)
+        epsilon = tf.constant(optimizer.epsilon, dtype)
+        for grad, variable in zip(grads, variables, strict=True):
+            index = optimizer._get_variable_index(variable)
+            tf.raw_ops.ResourceApplyAdam(
+                var=variable.handle,
+                m=optimizer._momentums[index].handle,
+                v=optimizer._velocities[index].handle,
+                beta1_power=beta_1_power,
+                beta2_power=beta_2_power,
+                lr=learning_rate,
+                beta1=beta_1,
+                beta2=beta_2,
+                epsilon=epsilon,
+                grad=grad,
+            )
+    optimizer.iterations.assign_add(1)
+    return True
+
+
 def apply_unscaled(optimizer, grads, variables, synchronized: bool = False) -> None:
     """`optimizer.apply` for gradients of the unscaled loss: each replica's share, or (if
     `synchronized`) the same on every replica. A LossScaleOptimizer gets them scaled back
@@ -67,6 +146,8 @@ def apply_unscaled(optimizer, grads, variables, synchronized: bool = False) -> N
         if not synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1:
             grads = [g * replica_scale() for g in _global_gradients(grads)]
         grads = [g * scale for g in grads]
+    elif fused_apply(optimizer, grads, variables):
+        return
     optimizer.apply(grads, variables)
 
 
@@ -79,10 +160,14 @@ def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_
     each hands it 1/replicas of the total.
     """
     scale = replica_scale()
-    grads = [g * scale for g in _global_gradients(unscaled(grads, optimizer))]
+    grads = _global_gradients(unscaled(grads, optimizer))
+    if scale != 1.0:
+        grads = [g * scale for g in grads]
     if grad_clip_norm > 0:
         grads, _ = tf.clip_by_global_norm(grads, grad_clip_norm)
-    grads = [(g + weight_decay * v.value) * scale for g, v in zip(grads, variables, strict=True)]
+    grads = [g + weight_decay * v.value for g, v in zip(grads, variables, strict=True)]
+    if scale != 1.0:
+        grads = [g * scale for g in grads]
     apply_unscaled(optimizer, grads, variables, synchronized=True)
 
 
