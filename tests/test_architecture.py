@@ -302,3 +302,51 @@ def test_mac_counts_of_each_kernel_layer():
     kernel[..., :2] = 0.0
     conv.kernel.assign(kernel)
     assert flop_counts(network)["nonzero_macs"] == macs - 8 * 8 * (3 * 3 * 3 * 2)
+
+
+def test_a_searched_network_shares_the_edges_of_repeated_kinds_with_the_same_results():
+    """Fine-tuning's `share_edge_calls(network, repeated_only=True)`: edges whose kind
+    repeats call one traced function (with constant weight masks), the others stay
+    plain; loss, gradients and BatchNorm statistics equal those of the unshared network."""
+    from conftest import real_images, searched_network
+
+    from hmnas_keras.checkpoint import relative_path
+    from hmnas_keras.space.cell import _edge_kind, share_edge_calls
+
+    _, shared = searched_network()
+    _, plain = searched_network()
+    for network in (shared, plain):
+        network.apply_weight_masks(
+            {
+                relative_path(layer.kernel.path): (np.asarray(layer.kernel) != 0).astype("float32")
+                for layer in network.kernel_layers()
+            }
+        )
+    share_edge_calls(shared, repeated_only=True)
+    edges = [op for cell in shared.cells if cell is not None for op in cell.edge_ops]
+    kinds = [_edge_kind(op) for op in edges]
+    repeated = [kinds.count(kind) > 1 for kind in kinds]
+    assert [op.shared_calls is not None for op in edges] == repeated
+    assert any(repeated) and not all(repeated)
+    images = real_images(4)
+    labels = np.array([0, 1, 2, 1])
+
+    def step(network):
+        @tf.function(autograph=False)
+        def traced():
+            with tf.GradientTape() as tape:
+                logits = network(images, training=True)
+                loss = ops.mean(
+                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                )
+            return loss, tape.gradient(loss, network.trainable_variables)
+
+        return traced()
+
+    shared_loss, shared_grads = step(shared)
+    plain_loss, plain_grads = step(plain)
+    np.testing.assert_allclose(float(shared_loss), float(plain_loss), rtol=1e-6)
+    for got, expected in zip(shared_grads, plain_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-6)
+    for got, expected in zip(shared.non_trainable_variables, plain.non_trainable_variables):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)

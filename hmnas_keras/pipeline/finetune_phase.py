@@ -31,6 +31,7 @@ from hmnas_keras.distributed import evaluation_data
 from hmnas_keras.pipeline.derive_phase import read_weight_masks
 from hmnas_keras.pipeline.phase import Phase, run_phase, test_columns
 from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, Workdir
+from hmnas_keras.space.cell import share_edge_calls
 from hmnas_keras.training.finetune import FineTune
 from hmnas_keras.training.trainer import mixed_precision_optimizer
 
@@ -81,6 +82,7 @@ def build_finetune(config: RunConfig, data: SearchData, workdir: Workdir, archit
         masks = read_weight_masks(workdir, architecture)
         if masks is not None:
             network.apply_weight_masks(to_searched(architecture, masks))
+    share_edge_calls(network, repeated_only=True)  # the export builds its own network
     finetune = FineTune(
         network,
         weight_decay=train.weight_decay,

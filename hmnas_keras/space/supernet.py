@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from hmnas_keras.space.cell import SharedCalls
+from hmnas_keras.space.cell import share_edge_calls
 from hmnas_keras.space.network import CellNetwork
 from hmnas_keras.space.search_space import SearchSpace, incoming_edges
 
@@ -64,10 +64,7 @@ class Supernet(CellNetwork):
                     shape=(space.num_edges,), initializer=arch_init, name=f"beta_{cell_type}"
                 )
         self._uniform_edge_weights = uniform_edge_weights(space.num_nodes)
-        shared_calls = SharedCalls()
-        for cell in self.cells:
-            for mixed_op in cell.edge_ops:
-                mixed_op.shared_calls = shared_calls
+        share_edge_calls(self)
 
     @property
     def arch_variables(self) -> list:
