@@ -50,6 +50,47 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
     assert lines[0]["weights"] > lines[1]["weights"] > 0
 
 
+def test_benchmark_runs_the_darts_peer_after_ours_and_prints_the_ratios(tmp_path):
+    # A stand-in for PyTorch's Python: it checks the arguments and answers as
+    # tools/darts_official_benchmark.py does.
+    fake = tmp_path / "torch-python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *darts_official_benchmark.py*--darts_dir=/darts/cnn*--channels=2*'
+        '--kind=weight*) ;; *) echo "bad arguments: $*" >&2; exit 2;; esac\n'
+        'echo \'{"kind": "weight", "peer": "darts", "first_call_s": 1.5, "median_ms": 90.0, '
+        '"images_per_s": 22.2, "peak_rss_mib": 700.0}\'\n'
+    )
+    fake.chmod(0o755)
+    json_out = tmp_path / "bench.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "benchmark.py"),
+            "--channels=2",
+            "--num_cells=1",
+            "--num_nodes=1",
+            "--batch_size=2",
+            "--image_size=8",
+            "--steps=2",
+            "--kinds=weight",
+            "--darts_dir=/darts/cnn",
+            f"--darts_python={fake}",
+            f"--json_out={json_out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours, darts = [json.loads(line) for line in json_out.read_text().splitlines()]
+    assert ours["kind"] == darts["kind"] == "weight" and darts["peer"] == "darts"
+    assert "peer" not in ours and ours["channels"] == darts["channels"] == 2
+    ratio = f"DARTS / ours: {90.0 / ours['median_ms']:.2f}x step time, "
+    assert ratio + f"{700.0 / ours['peak_rss_mib']:.2f}x peak RSS" in result.stdout
+
+
 @pytest.mark.large
 def test_worker_benchmark_times_one_process_and_two_workers(tmp_path):
     flagfile = tmp_path / "tiny.cfg"

@@ -19,7 +19,13 @@ kernel creation and one step; "first run - median" estimates the one-time part),
 then the median ms and images/s over --steps timed calls, and the peak RSS.
 The step runs as a `tf.function` over one batch, as the phases' steps do.
 --json_out=FILE appends one JSON line per kind: kind, first_call_s,
-tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib.
+tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib (and the
+configuration). With --darts_dir, official DARTS' weight and first-order
+iterations run right after ours, each in its own process (a DARTS line has
+"peer": "darts"), so that both are measured in one run:
+
+    python tools/benchmark.py --channels=16 --num_cells=5 --kinds=weight,first_order \
+        --darts_dir=/tmp/darts/cnn --darts_python=/tmp/torch-env/bin/python
 """
 
 import json
@@ -59,6 +65,16 @@ flags.DEFINE_multi_string(
     f"Which steps to time, of: {', '.join(KINDS)} (a comma list, or the flag repeated).",
 )
 flags.DEFINE_string("json_out", None, "Append one JSON line per kind to this file.")
+flags.DEFINE_string(
+    "darts_dir",
+    None,
+    "Also time official DARTS (quark0/darts' cnn/ folder) on the weight and first_order "
+    "kinds, each right after ours, with tools/darts_official_benchmark.py.",
+)
+flags.DEFINE_string(
+    "darts_python", "python", "The Python (with PyTorch) that runs DARTS for --darts_dir."
+)
+flags.DEFINE_integer("darts_threads", 2, "PyTorch threads of the DARTS peer.", lower_bound=1)
 flags.DEFINE_string("one_kind", None, "(internal) measure this kind in this process.")
 FLAGS = flags.FLAGS
 OWN_FLAGS = (
@@ -223,6 +239,35 @@ def _in_own_process(kind: str) -> dict:
     return json.loads(lines[-1])
 
 
+def _darts(kind: str) -> dict:
+    """Official DARTS' `kind` iteration in its own process (darts_official_benchmark.py)."""
+    command = [
+        FLAGS.darts_python,
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "darts_official_benchmark.py"),
+        f"--darts_dir={FLAGS.darts_dir}",
+        f"--channels={FLAGS.channels}",
+        f"--num_cells={FLAGS.num_cells}",
+        f"--batch_size={FLAGS.batch_size}",
+        f"--image_size={FLAGS.image_size}",
+        f"--steps={FLAGS.steps}",
+        f"--threads={FLAGS.darts_threads}",
+        f"--kind={kind}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"DARTS {kind} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _row(label: str, result: dict) -> str:
+    return (
+        f"{label:<22}{result['first_call_s']:>13.1f}{result.get('tracing_s', float('nan')):>13.1f}"
+        f"{result.get('first_execution_s', float('nan')):>13.1f}{result['median_ms']:>13.0f}"
+        f"{result['images_per_s']:>13.1f}{result['peak_rss_mib']:>13.0f}"
+    )
+
+
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -240,17 +285,27 @@ def main(argv):
     header = ("step", "first call s", "tracing s", "1st run s", "median ms", "images/s", "RSS MiB")
     print(f"{header[0]:<22}" + "".join(f"{h:>13}" for h in header[1:]))
     for kind in _kinds(FLAGS.kinds):
-        result = _in_own_process(kind)
-        print(
-            f"{KINDS[kind]:<22}{result['first_call_s']:>13.1f}{result['tracing_s']:>13.1f}"
-            f"{result['first_execution_s']:>13.1f}{result['median_ms']:>13.0f}"
-            f"{result['images_per_s']:>13.1f}{result['peak_rss_mib']:>13.0f}",
-            flush=True,
-        )
+        results = [_in_own_process(kind)]
+        print(_row(KINDS[kind], results[0]), flush=True)
+        if FLAGS.darts_dir and kind in ("weight", "first_order"):
+            results.append(_darts(kind))
+            print(_row("  DARTS (official)", results[1]), flush=True)
+            ours, darts = results
+            print(
+                f"  DARTS / ours: {darts['median_ms'] / ours['median_ms']:.2f}x step time, "
+                f"{darts['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x peak RSS",
+                flush=True,
+            )
         if FLAGS.json_out:
             os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
             with open(FLAGS.json_out, "a") as handle:
-                handle.write(json.dumps(result) + "\n")
+                for result in results:
+                    config = {
+                        "channels": FLAGS.channels,
+                        "num_cells": FLAGS.num_cells,
+                        "batch_size": FLAGS.batch_size,
+                    }
+                    handle.write(json.dumps({**config, **result}) + "\n")
     return 0
 
 
