@@ -278,3 +278,29 @@ def test_folder_subsets_decode_only_the_images_kept_and_resize_the_same(tmp_path
     for image, resized in zip(images, batched):
         one = image if image.shape[:2] == (4, 4) else data_module._resize(image, 4)
         np.testing.assert_array_equal(resized, one)
+
+
+def test_channel_statistics_in_chunks_equal_those_of_a_float64_copy():
+    from hmnas_keras.data import _channel_statistics
+
+    images = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+    images[..., 2] = 7  # a constant channel: the std floor of 1e-3
+    pixels = images.reshape(-1, 3).astype("float64") / 255.0
+    mean, std = _channel_statistics(images, chunk=1000)  # 19,200 pixels: a partial last chunk
+    np.testing.assert_array_equal(mean, pixels.mean(axis=0).astype("float32"))
+    np.testing.assert_array_equal(std, np.maximum(pixels.std(axis=0), 1e-3).astype("float32"))
+    assert std[2] == np.float32(1e-3) and mean.dtype == std.dtype == np.float32
+
+
+def test_every_dataset_of_a_part_reads_the_same_tensors():
+    from hmnas_keras.data import load_digits_arrays, make_search_data
+
+    data = make_search_data(DataConfig(dataset="digits", batch_size=16), 0, load_digits_arrays())
+    first = [batch[1].numpy() for batch in data.train_dataset(1).take(3)]
+    images, labels = data._tensors("train")
+    assert data._tensors("train")[0] is images  # made once, not per dataset
+    assert images.shape[0] == len(data.weight_images) + len(data.arch_images)
+    np.testing.assert_array_equal(labels.numpy()[: len(data.weight_labels)], data.weight_labels)
+    again = [batch[1].numpy() for batch in data.train_dataset(1).take(3)]
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
