@@ -37,7 +37,7 @@ class SharedCalls:
     `stateless_call`, its masks replaced by arguments) and every edge of the kind
     calls it with its own values. TensorFlow inlines the calls before optimising
     the graph: not inlining them (`_noinline`) made the graph optimiser's work
-    smaller but the step 25% slower.
+    smaller but the step 27% slower (373 against 294 ms at C=8).
     """
 
     def __init__(self):
@@ -130,8 +130,7 @@ def share_edge_calls(network, repeated_only: bool = False) -> None:
 
 def _mask_hooks(layer) -> tuple[list, list]:
     """The maskable kernels and BatchNormalizations inside `layer`, in a fixed order."""
-    inner = layer._flatten_layers(include_self=False, recursive=True)
-    inner = list(inner)
+    inner = list(layer._flatten_layers(include_self=False, recursive=True))
     return (
         [sub for sub in inner if isinstance(sub, MaskableKernel)],
         [sub for sub in inner if isinstance(sub, MaskableBatchNormalization)],
