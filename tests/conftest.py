@@ -94,6 +94,24 @@ def searched_network(image_shape=(8, 8, 3), seed=0, class_names=EXPORT_CLASSES):
     return architecture, network
 
 
+def traced_loss_and_gradients(network, images, labels, extra_variables=()):
+    """(training-mode loss, gradients of network.trainable_variables + extra_variables), traced."""
+    import keras
+    import tensorflow as tf
+    from keras import ops
+
+    @tf.function(autograph=False)
+    def traced():
+        with tf.GradientTape() as tape:
+            logits = network(images, training=True)
+            loss = ops.mean(
+                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            )
+        return loss, tape.gradient(loss, network.trainable_variables + list(extra_variables))
+
+    return traced()
+
+
 def real_images(count=16, channels=3):
     """Normalised 8x8 digits from scikit-learn (real images), repeated to `channels`."""
     from hmnas_keras.data import load_digits_arrays

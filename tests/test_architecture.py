@@ -308,7 +308,7 @@ def test_a_searched_network_shares_the_edges_of_repeated_kinds_with_the_same_res
     """Fine-tuning's `share_edge_calls(network, repeated_only=True)`: edges whose kind
     repeats call one traced function (with constant weight masks), the others stay
     plain; loss, gradients and BatchNorm statistics equal those of the unshared network."""
-    from conftest import real_images, searched_network
+    from conftest import real_images, searched_network, traced_loss_and_gradients
 
     from hmnas_keras.checkpoint import relative_path
     from hmnas_keras.space.cell import _edge_kind, share_edge_calls
@@ -331,20 +331,8 @@ def test_a_searched_network_shares_the_edges_of_repeated_kinds_with_the_same_res
     images = real_images(4)
     labels = np.array([0, 1, 2, 1])
 
-    def step(network):
-        @tf.function(autograph=False)
-        def traced():
-            with tf.GradientTape() as tape:
-                logits = network(images, training=True)
-                loss = ops.mean(
-                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-                )
-            return loss, tape.gradient(loss, network.trainable_variables)
-
-        return traced()
-
-    shared_loss, shared_grads = step(shared)
-    plain_loss, plain_grads = step(plain)
+    shared_loss, shared_grads = traced_loss_and_gradients(shared, images, labels)
+    plain_loss, plain_grads = traced_loss_and_gradients(plain, images, labels)
     np.testing.assert_allclose(float(shared_loss), float(plain_loss), rtol=1e-6)
     for got, expected in zip(shared_grads, plain_grads, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-6)

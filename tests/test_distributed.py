@@ -311,7 +311,8 @@ def trains_one_epoch_with(tmp_path, setting):
 
 
 def test_jit_compile_trains_on_one_device(tmp_path):
-    trains_one_epoch_with(tmp_path, "jit_compile")
+    workdir = trains_one_epoch_with(tmp_path, "jit_compile")
+    assert (workdir / "supernet" / "checkpoint.npz").stat().st_size > 0
 
 
 # ------------------------------------------------------------------ mixed precision

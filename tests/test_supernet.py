@@ -122,7 +122,7 @@ def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_
     BatchNorm statistics and the recorded output positions equal those of edge-by-edge
     calls."""
     import keras
-    import tensorflow as tf
+    from conftest import traced_loss_and_gradients
 
     from hmnas_keras.space.maskable import MaskableBatchNormalization
 
@@ -153,21 +153,9 @@ def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_
                     norm.set_output_mask(lambda mask=mask, scale=scale: scale * mask)
         networks.append((network, scale))
 
-    def step(network, scale):
-        @tf.function(autograph=False)
-        def traced():
-            with tf.GradientTape() as tape:
-                logits = network(images, training=True)
-                loss = ops.mean(
-                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-                )
-            return loss, tape.gradient(loss, network.trainable_variables + [scale])
-
-        return traced()
-
     (shared, shared_scale), (plain, plain_scale) = networks
-    shared_loss, shared_grads = step(shared, shared_scale)
-    plain_loss, plain_grads = step(plain, plain_scale)
+    shared_loss, shared_grads = traced_loss_and_gradients(shared, images, labels, [shared_scale])
+    plain_loss, plain_grads = traced_loss_and_gradients(plain, images, labels, [plain_scale])
     np.testing.assert_allclose(float(shared_loss), float(plain_loss), rtol=1e-6)
     names = [v.path for v in shared.trainable_variables] + ["mask_scale"]
     assert [n for n, g in zip(names, shared_grads) if g is None] == []

@@ -9,27 +9,30 @@ from conftest import TINY_DIGITS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_tiny_benchmark(*flags):
+    """tools/benchmark.py on a tiny network (2 channels, 1 cell, 1 node, batch 2, 8x8)."""
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "benchmark.py"),
+        "--channels=2",
+        "--num_cells=1",
+        "--num_nodes=1",
+        "--batch_size=2",
+        "--image_size=8",
+        "--steps=2",
+        *flags,
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_benchmark_prints_a_row_per_kind(tmp_path):
     # The mask step and the fine-tuning step of a derived network, each in its own process
     # (the supernet's kinds share the mask step's supernet and the phases' builders).
     json_out = tmp_path / "bench.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "benchmark.py"),
-            "--channels=2",
-            "--num_cells=1",
-            "--num_nodes=1",
-            "--batch_size=2",
-            "--image_size=8",
-            "--steps=2",
-            "--kinds=mask,finetune",
-            f"--json_out={json_out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    result = run_tiny_benchmark(
+        "--kinds=mask,finetune",
+        f"--json_out={json_out}",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "oneDNN" not in result.stderr  # TensorFlow's start-up logs are silenced
@@ -63,25 +66,11 @@ def test_benchmark_runs_the_darts_peer_after_ours_and_prints_the_ratios(tmp_path
     )
     fake.chmod(0o755)
     json_out = tmp_path / "bench.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "benchmark.py"),
-            "--channels=2",
-            "--num_cells=1",
-            "--num_nodes=1",
-            "--batch_size=2",
-            "--image_size=8",
-            "--steps=2",
-            "--kinds=weight",
-            "--darts_dir=/darts/cnn",
-            f"--darts_python={fake}",
-            f"--json_out={json_out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    result = run_tiny_benchmark(
+        "--kinds=weight",
+        "--darts_dir=/darts/cnn",
+        f"--darts_python={fake}",
+        f"--json_out={json_out}",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     ours, darts = [json.loads(line) for line in json_out.read_text().splitlines()]
