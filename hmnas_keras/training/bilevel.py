@@ -7,9 +7,13 @@ optimizer, then updates the network weights on the weight batch.
 
 Whether an iteration takes the architecture step is decided on the host by an
 `ArchStepPolicy` (`hmnas_keras.training.arch_step`: warm-up, then probability
-σ(t)), and the iteration runs one of two traced functions: one with the
-architecture step, one without. An optimizer step inside `tf.cond` fails under
-`MirroredStrategy`, and a zero gradient would still move Adam.
+σ(t)). Without a distribution strategy one traced function runs both kinds
+of iteration, the architecture step under `tf.cond` on the host's decision:
+the weight step is traced and the graph optimised once instead of twice.
+Under a strategy (an optimizer step inside `tf.cond` fails under
+`MirroredStrategy`) there are two traced functions, one with the architecture
+step and one without. Never a zero gradient instead of a skipped step: it
+would still move Adam.
 """
 
 import keras
@@ -68,6 +72,7 @@ class BilevelSearch(NetworkTrainer):
         self.arch_accuracy = keras.metrics.SparseCategoricalAccuracy(name="arch_accuracy")
         self.arch_step_fraction = keras.metrics.Mean(name="arch_step_fraction")
         self._next_iteration = None
+        self.traced_steps = ()  # the tf.functions of the iterations (after make_train_function)
 
     @property
     def supernet(self) -> Supernet:
@@ -201,11 +206,21 @@ class BilevelSearch(NetworkTrainer):
         self.arch_loss.update_state(loss)
         self.arch_accuracy.update_state(arch_batch[1], logits)
 
-    def _bilevel_step(self, data, take_arch_step: bool):
+    def _bilevel_step(self, data, take_arch_step):
+        """One iteration; `take_arch_step` is a Python bool or a boolean tensor (`tf.cond`)."""
         weight_batch, arch_batch = data
-        if take_arch_step:
-            self._arch_step(weight_batch, arch_batch)
-        self.arch_step_fraction.update_state(1.0 if take_arch_step else 0.0)
+        if isinstance(take_arch_step, bool):
+            if take_arch_step:
+                self._arch_step(weight_batch, arch_batch)
+            fraction = 1.0 if take_arch_step else 0.0
+        else:
+
+            def arch_step():
+                self._arch_step(weight_batch, arch_batch)
+                return tf.constant(1.0)
+
+            fraction = tf.cond(take_arch_step, arch_step, lambda: tf.constant(0.0))
+        self.arch_step_fraction.update_state(fraction)
         images, labels = weight_batch
         return self.weight_step(
             images, labels, self.supernet.weight_variables, self.weight_optimizer
@@ -219,9 +234,27 @@ class BilevelSearch(NetworkTrainer):
         """One iteration with the architecture step (fit() dispatches via the policy)."""
         return self._bilevel_step(data, take_arch_step=True)
 
-    def _step_function(self, take_arch_step: bool):
-        """One traced iteration (with or without the architecture step) on the next batch."""
-        return self.replica_function(lambda data: self._bilevel_step(data, take_arch_step))
+    # One traced function for both kinds of iteration (True), one per kind (False), or
+    # None: one without a distribution strategy, else one per kind (see the module doc).
+    combined_step: bool | None = None
+
+    def _step_functions(self):
+        """`run(iterator, take_arch_step: bool) -> logs`: one traced iteration on the next batch."""
+        combined = self.combined_step
+        if combined is None:
+            with self.distribute_strategy.scope():
+                combined = not tf.distribute.has_strategy()
+        if combined:
+            both = self.replica_function(self._bilevel_step)
+            self.traced_steps = (both,)
+            return lambda iterator, take_arch_step: both(iterator, tf.constant(take_arch_step))
+        with_arch, weights_only = self.traced_steps = tuple(
+            self.replica_function(lambda data, take=take: self._bilevel_step(data, take))
+            for take in (True, False)
+        )
+        return lambda iterator, take_arch_step: (with_arch if take_arch_step else weights_only)(
+            iterator
+        )
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
@@ -231,14 +264,13 @@ class BilevelSearch(NetworkTrainer):
                 "BilevelSearch.build_search(image_shape) must be called after compile() "
                 "and before fit(), so that every variable exists before tracing."
             )
-        with_arch, weights_only = self._step_function(True), self._step_function(False)
+        run = self._step_functions()
 
         def train_function(iterator):
             if self._next_iteration is None:
                 self._next_iteration = int(ops.convert_to_numpy(self.weight_optimizer.iterations))
             iteration = self._next_iteration
-            step = with_arch if self.policy.should_step(iteration) else weights_only
-            logs = step(iterator)
+            logs = run(iterator, self.policy.should_step(iteration))
             self._next_iteration = iteration + 1
             return logs
 

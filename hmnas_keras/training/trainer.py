@@ -210,7 +210,8 @@ class NetworkTrainer(keras.Model):
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def replica_function(self, step, whole_batch_metrics: bool = False):
-        """`step(batch) -> logs` as one traced call on the iterator's next batch.
+        """`step(batch, *args) -> logs` as one traced call on the iterator's next batch
+        (`args`: tensors passed on to `step`).
 
         What Keras' own train and test functions do for one step, with public
         APIs: run `step` on every replica, then report the first replica's logs
@@ -225,8 +226,8 @@ class NetworkTrainer(keras.Model):
             step = tf.function(step, jit_compile=True, reduce_retracing=True, autograph=False)
 
         @tf.function(reduce_retracing=True, autograph=False)
-        def one_step(iterator):
-            logs = strategy.run(step, args=(next(iterator),))
+        def one_step(iterator, *args):
+            logs = strategy.run(step, args=(next(iterator), *args))
             if whole_batch_metrics:
                 return {name: metrics[name].result() for name in logs}
             return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
