@@ -2,9 +2,46 @@
 
 import os
 
+GRAPH_OPTIMIZATION = ("auto", "on", "off")
 
-def configure_tensorflow(threads: int = 0, logical_cpus: int = 0) -> tuple[int, int]:
-    """Sets the thread pools (and optionally logical CPUs); call before TensorFlow runs anything.
+
+def graph_optimization_enabled(setting: str = "auto") -> bool:
+    """Whether TensorFlow's graph optimiser (Grappler) runs on traced functions.
+
+    "auto" turns it off on a machine without a GPU. On a CPU it was most of a
+    traced step's first call and bought no step time (one idle run on 2 cores,
+    docs/BENCHMARKS.md: the C=16, 5-cell weight step's first call 27.7 -> 17.7 s,
+    the step 648 -> 631 ms; with the architecture step 52.6 -> 34.3 s,
+    1,077 -> 1,024 ms; peak memory 4-6% higher). On a GPU its layout and fusion
+    passes matter, so "auto" leaves it on there.
+    """
+    if setting not in GRAPH_OPTIMIZATION:
+        raise ValueError(
+            f"Received an invalid graph optimization setting, expected one of "
+            f"{', '.join(GRAPH_OPTIMIZATION)}. Received: {setting!r}"
+        )
+    if setting == "auto":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return setting == "on"
+
+
+def set_graph_optimization(setting: str = "auto") -> bool:
+    """Turns Grappler on or off for the functions first called from now on
+    (`graph_optimization_enabled`); returns whether it is on."""
+    import tensorflow as tf
+
+    enabled = graph_optimization_enabled(setting)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not enabled})
+    return enabled
+
+
+def configure_tensorflow(
+    threads: int = 0, logical_cpus: int = 0, graph_optimization: str = "auto"
+) -> tuple[int, int]:
+    """Sets the thread pools (and optionally logical CPUs) and whether Grappler runs
+    (`graph_optimization_enabled`); call before TensorFlow runs anything.
 
     The supernet is thousands of small, independent ops: on a CPU, running
     several at once (inter-op) beats splitting each one across cores
@@ -20,6 +57,7 @@ def configure_tensorflow(threads: int = 0, logical_cpus: int = 0) -> tuple[int, 
     inter_op = max(2, 2 * cores // intra_op)
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    set_graph_optimization(graph_optimization)
     if logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(

@@ -11,6 +11,13 @@ def pytest_addoption(parser):
     parser.addoption("--run-large", action="store_true", help="Also run tests marked large.")
 
 
+def pytest_configure(config):
+    """The tests trace with the entry points' default: Grappler off on a machine without a GPU."""
+    from hmnas_keras.runtime import set_graph_optimization
+
+    set_graph_optimization("auto")
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-large"):
         return

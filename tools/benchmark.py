@@ -51,6 +51,13 @@ flags.DEFINE_integer("steps", 10, "Timed calls per kind (after the first).", low
 flags.DEFINE_integer(
     "threads", 0, "TensorFlow intra-op threads (0: half the cores).", lower_bound=0
 )
+flags.DEFINE_enum(
+    "graph_optimization",
+    "auto",
+    ["auto", "on", "off"],
+    "TensorFlow's graph optimiser on the traced steps (auto: off without a GPU), as "
+    "hmnas_keras.search's flag of that name.",
+)
 KINDS = {
     "weight": "weight step",
     "first_order": "weight + arch (1st)",
@@ -86,6 +93,7 @@ OWN_FLAGS = (
     "num_classes",
     "steps",
     "threads",
+    "graph_optimization",
 )
 
 
@@ -192,9 +200,9 @@ def measure(kind: str) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from hmnas_keras.runtime import configure_tensorflow
+    from hmnas_keras.runtime import configure_tensorflow, graph_optimization_enabled
 
-    configure_tensorflow(FLAGS.threads)
+    configure_tensorflow(FLAGS.threads, graph_optimization=FLAGS.graph_optimization)
     step, batch, weights = _step_and_batch(kind)
     function = tf.function(step, reduce_retracing=True, autograph=False)
 
@@ -219,6 +227,7 @@ def measure(kind: str) -> dict:
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(FLAGS.batch_size / median, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "graph_optimizer": graph_optimization_enabled(FLAGS.graph_optimization),
         "weights": sum(int(np.prod(v.shape)) for v in weights),
     }
 
@@ -276,11 +285,14 @@ def main(argv):
         return 0
     import tensorflow as tf
 
+    from hmnas_keras.runtime import graph_optimization_enabled
+
+    optimizer = "on" if graph_optimization_enabled(FLAGS.graph_optimization) else "off"
     print(
         f"C={FLAGS.channels} cells={FLAGS.num_cells} nodes={FLAGS.num_nodes} "
         f"B={FLAGS.batch_size} {FLAGS.image_size}x{FLAGS.image_size}, {FLAGS.steps} timed steps, "
-        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, threads={FLAGS.threads or 'half'}; "
-        "each kind in its own process"
+        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, threads={FLAGS.threads or 'half'}, "
+        f"graph optimiser {optimizer}; each kind in its own process"
     )
     header = ("step", "first call s", "tracing s", "1st run s", "median ms", "images/s", "RSS MiB")
     print(f"{header[0]:<22}" + "".join(f"{h:>13}" for h in header[1:]))
