@@ -3,6 +3,7 @@ import pytest
 from keras import ops
 
 from hmnas_keras.space.cell import Cell, MixedOp
+from hmnas_keras.space.operations import SepConv
 from hmnas_keras.space.search_space import SearchSpace
 from hmnas_keras.space.supernet import Supernet, segment_softmax
 
@@ -52,6 +53,27 @@ def test_cell_follows_eq2_by_hand():
     node2 = edge_w[0] * edge(0, 0, p0) + edge_w[1] * edge(1, 1, p1)
     node3 = edge_w[2] * edge(2, 0, p0) + edge_w[3] * edge(3, 1, p1) + edge_w[4] * edge(4, 2, node2)
     np.testing.assert_allclose(output, np.concatenate([node2, node3], -1), rtol=1e-4, atol=1e-5)
+
+
+def test_building_a_supernet_runs_each_cell_and_edge_once(monkeypatch):
+    # Keras builds a layer without a build() by running call() symbolically first, and
+    # every nested layer again inside that run; BuiltOnCall's build() leaves it to the call.
+    calls = {"cell": 0, "edge": 0, "sep_conv": 0}
+    for key, cls in (("cell", Cell), ("edge", MixedOp), ("sep_conv", SepConv)):
+        original = cls.call
+
+        def counted(self, *args, key=key, original=original, **kwargs):
+            calls[key] += 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "call", counted)
+    space = SearchSpace(
+        num_cells=2, channels=4, num_nodes=2, op_names=("sep_conv_3x3", "skip_connect")
+    )
+    net = Supernet(space, 3)
+    net(ops.zeros((1, 8, 8, 3)), training=False)
+    assert calls == {"cell": 2, "edge": 10, "sep_conv": 10}
+    assert all(layer.built for layer in net._flatten_layers())
 
 
 def test_reduction_cell_halves_the_size():

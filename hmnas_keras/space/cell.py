@@ -16,7 +16,13 @@ import tensorflow as tf
 from keras import ops
 
 from hmnas_keras.space.maskable import FLOAT32, MaskableBatchNormalization, MaskableKernel
-from hmnas_keras.space.operations import FactorizedReduce, ReLUConvBN, build_op, half_split
+from hmnas_keras.space.operations import (
+    BuiltOnCall,
+    FactorizedReduce,
+    ReLUConvBN,
+    build_op,
+    half_split,
+)
 from hmnas_keras.space.search_space import (
     OP_NAMES,
     cell_edges,
@@ -137,7 +143,7 @@ def _mask_hooks(layer) -> tuple[list, list]:
     )
 
 
-class MixedOp(keras.layers.Layer):
+class MixedOp(BuiltOnCall, keras.layers.Layer):
     """Eq. 1: Σ_k w_k · op_k(x) with externally supplied op weights w.
 
     `op_weights` has one entry per name in `op_names` (the search space's
@@ -243,7 +249,7 @@ def check_genotype(genotype, num_nodes: int) -> tuple:
     return edges
 
 
-class Cell(keras.layers.Layer):
+class Cell(BuiltOnCall, keras.layers.Layer):
     """Eq. 2: node i = Σ_j edge_weight(i, j) · MixedOp_{j→i}(node j).
 
     Inputs are the outputs of the two previous cells; the output concatenates

@@ -10,10 +10,11 @@ from hmnas_keras.space.maskable import (
     MaskableConv2D,
     MaskableDense,
 )
+from hmnas_keras.space.operations import BuiltOnCall
 from hmnas_keras.space.search_space import SearchSpace
 
 
-class CellNetwork(keras.Model):
+class CellNetwork(BuiltOnCall, keras.Model):
     """Stem (Conv3x3-BN, 3C), `num_cells` cells, global pooling and a Dense classifier.
 
     The skeleton shared by the supernet and the searched networks: `genotypes`

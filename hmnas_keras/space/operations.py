@@ -57,6 +57,20 @@ class FusedBatchNorm(MaskableBatchNormalization):
         return self.mask_output(outputs)
 
 
+class BuiltOnCall:
+    """A layer of sublayers that each build themselves, from their inputs, on the first call.
+
+    A Keras layer without a `build()` of its own is built by running its `call()`
+    symbolically before the real call, and within that run each sublayer without
+    one is built the same way: a cell's ops were traced once per level of
+    nesting, and building a 3-cell supernet took 8.7 s (against 0.4 s for an
+    eager call of the built network).
+    """
+
+    def build(self, input_shape):
+        del input_shape  # nothing of its own: the sublayers build on the first call
+
+
 def _batch_norm(name: str, affine: bool = False) -> keras.layers.BatchNormalization:
     return FusedBatchNorm(
         momentum=BN_MOMENTUM, epsilon=1e-5, center=affine, scale=affine, name=name
@@ -68,7 +82,7 @@ def _check_stride(stride: int) -> None:
         raise ValueError(f"Received an invalid stride, expected 1 or 2. Received: stride={stride}")
 
 
-class ReLUConvBN(keras.layers.Layer):
+class ReLUConvBN(BuiltOnCall, keras.layers.Layer):
     """ReLU, then a 1x1 convolution to `channels`, then BatchNormalization (cell preprocessing)."""
 
     def __init__(self, channels: int, **kwargs):
@@ -90,7 +104,7 @@ class ReLUConvBN(keras.layers.Layer):
         return config
 
 
-class _ConvOp(keras.layers.Layer):
+class _ConvOp(BuiltOnCall, keras.layers.Layer):
     """An operation with `channels` outputs, a square `kernel_size` and a `stride`."""
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1, **kwargs):
@@ -175,7 +189,7 @@ class DilConv(_ConvOp):
         return [self.depthwise, self.pointwise]
 
 
-class Pool(keras.layers.Layer):
+class Pool(BuiltOnCall, keras.layers.Layer):
     """3x3 max or average pooling (padding excluded from averages), then BN."""
 
     def __init__(self, channels: int, kind: str, stride: int = 1, **kwargs):
@@ -216,7 +230,7 @@ def half_split(channels: int, kept=None) -> tuple[int, int]:
     return first, len(kept) - first
 
 
-class FactorizedReduce(keras.layers.Layer):
+class FactorizedReduce(BuiltOnCall, keras.layers.Layer):
     """Halves the spatial size: ReLU, two offset 1x1 stride-2 convolutions, concat, BN.
 
     `split` gives the outputs of the two paths (default: half each); a path
