@@ -8,7 +8,7 @@ GRAPH_OPTIMIZATION = ("auto", "on", "off")
 def graph_optimization_enabled(setting: str = "auto") -> bool:
     """Whether TensorFlow's graph optimiser (Grappler) runs on traced functions.
 
-    "auto" turns it off on a machine without a GPU. On a CPU it was most of a
+    "auto" turns it off on a machine without a GPU. On a CPU it was a third of a
     traced step's first call and bought no step time (one idle run on 2 cores,
     docs/BENCHMARKS.md: the C=16, 5-cell weight step's first call 27.7 -> 17.7 s,
     the step 648 -> 631 ms; with the architecture step 52.6 -> 34.3 s,

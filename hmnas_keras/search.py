@@ -40,7 +40,7 @@ from hmnas_keras.config import (
 )
 from hmnas_keras.export import options as export_options
 from hmnas_keras.pipeline.workdir import Workdir
-from hmnas_keras.runtime import configure_tensorflow
+from hmnas_keras.runtime import GRAPH_OPTIMIZATION, configure_tensorflow
 from hmnas_keras.space.search_space import OP_NAMES, SearchSpace
 from hmnas_keras.training.arch_step import SCHEDULES
 
@@ -140,7 +140,7 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "graph_optimization",
     "auto",
-    ["auto", "on", "off"],
+    list(GRAPH_OPTIMIZATION),
     "TensorFlow's graph optimiser (Grappler) on the traced steps. auto: off without a GPU "
     "(on a CPU it made the first call of each phase's step about 1.5x longer and the step no "
     "faster), on with one.",

@@ -40,6 +40,7 @@ import time
 from absl import app, flags
 
 from hmnas_keras import quiet_logs  # noqa: F401  (first: before TensorFlow loads)
+from hmnas_keras.runtime import GRAPH_OPTIMIZATION
 
 flags.DEFINE_integer("channels", 8, "Initial channels C.", lower_bound=1)
 flags.DEFINE_integer("num_cells", 3, "Cells.", lower_bound=1)
@@ -54,7 +55,7 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "graph_optimization",
     "auto",
-    ["auto", "on", "off"],
+    list(GRAPH_OPTIMIZATION),
     "TensorFlow's graph optimiser on the traced steps (auto: off without a GPU), as "
     "hmnas_keras.search's flag of that name.",
 )
