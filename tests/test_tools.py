@@ -6,6 +6,8 @@ import sys
 import pytest
 from conftest import TINY_DIGITS
 
+from hmnas_keras.runtime import graph_optimization_enabled
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,6 +51,8 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
         )
         assert line["median_ms"] > 0 and line["peak_rss_mib"] > 100
         assert line["images_per_s"] == pytest.approx(2 / (line["median_ms"] / 1000), rel=0.01)
+        # --graph_optimization=auto: the optimiser the process really ran with (off without a GPU).
+        assert line["graph_optimizer"] is graph_optimization_enabled("auto")
     # The supernet's weights, then the derived cell's (fewer).
     assert lines[0]["weights"] > lines[1]["weights"] > 0
 

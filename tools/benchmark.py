@@ -201,7 +201,7 @@ def measure(kind: str) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from hmnas_keras.runtime import configure_tensorflow, graph_optimization_enabled
+    from hmnas_keras.runtime import configure_tensorflow
 
     configure_tensorflow(FLAGS.threads, graph_optimization=FLAGS.graph_optimization)
     step, batch, weights = _step_and_batch(kind)
@@ -228,7 +228,9 @@ def measure(kind: str) -> dict:
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(FLAGS.batch_size / median, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "graph_optimizer": graph_optimization_enabled(FLAGS.graph_optimization),
+        "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
+            "disable_meta_optimizer", False
+        ),
         "weights": sum(int(np.prod(v.shape)) for v in weights),
     }
 

@@ -247,7 +247,8 @@ class BilevelSearch(NetworkTrainer):
         if combined:
             both = self.replica_function(self._bilevel_step)
             self.traced_steps = (both,)
-            return lambda iterator, take_arch_step: both(iterator, tf.constant(take_arch_step))
+            decisions = {take: tf.constant(take) for take in (True, False)}  # once, not per step
+            return lambda iterator, take_arch_step: both(iterator, decisions[take_arch_step])
         with_arch, weights_only = self.traced_steps = tuple(
             self.replica_function(lambda data, take=take: self._bilevel_step(data, take))
             for take in (True, False)
