@@ -197,3 +197,40 @@ def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_
     assert sum(len(cell.edge_ops) for cell in shared.cells) == 10
     assert sum(1 for key in calls._functions if key[-1]) == 6  # key[-1]: training
     assert all(op.shared_calls is calls for cell in shared.cells for op in cell.edge_ops)
+
+
+def test_a_shared_edge_function_differentiates_its_output_and_not_its_moving_statistics():
+    """The updated BatchNorm statistics leave a shared edge function as outputs; they carry
+    no gradient (their update is not part of the loss), so the backward function holds
+    none of their arithmetic, and the op weights are unstacked, not sliced one by one."""
+    import tensorflow as tf
+
+    space = SearchSpace(num_cells=1, channels=4, num_nodes=2, op_names=OPS)
+    network = Supernet(space, num_classes=3)
+    images = np.random.default_rng(7).normal(size=(2, 8, 8, 3)).astype("float32")
+    network(images[:1], training=False)
+    mixed_op = network.cells[0].edge_ops[-1]  # node 2 -> node 3: stride 1
+    shape = (2, 4, 4, mixed_op.channels)  # a reduction cell: 4x4, twice the channels
+    x = tf.constant(np.random.default_rng(8).normal(size=shape).astype("float32"))
+    op_weights = tf.constant([0.2, 0.3, 0.5])
+    trainable = [tf.convert_to_tensor(v) for v in mixed_op.trainable_variables]
+    non_trainable = [tf.convert_to_tensor(v) for v in mixed_op.non_trainable_variables]
+    function = mixed_op.shared_calls._trace(mixed_op, training=True)
+    shared = {"max_pool_3x3": x * 0.5, "skip_connect": x}
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, op_weights, *trainable, *non_trainable])
+        output, updated = function(
+            trainable, non_trainable, [None] * 4, [None] * 2, x, op_weights, shared
+        )
+        statistics = tf.add_n([tf.reduce_sum(value) for value in updated])
+        loss = tf.reduce_sum(output * output)
+    inputs = [x, op_weights, *trainable, *non_trainable]
+    # A function's backward returns zeros, not None, for inputs it reads.
+    assert all(g is None or not np.any(g) for g in tape.gradient(statistics, inputs))
+    assert all(g is not None for g in tape.gradient(loss, [x, op_weights, *trainable]))
+    assert len(updated) == len(non_trainable) == 4  # the sep conv's two BNs: mean, variance
+    graph = function.get_concrete_function(
+        trainable, non_trainable, [None] * 4, [None] * 2, x, op_weights, shared
+    ).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count("Unpack") == 1 and "StridedSlice" not in kinds

@@ -92,9 +92,13 @@ class SharedCalls:
                     layer._kernel_mask = None if mask is None else (lambda mask=mask: mask)
                 for layer, mask in zip(norms, output_masks, strict=True):
                     layer._output_mask = None if mask is None else (lambda mask=mask: mask)
-                return traced.stateless_call(
+                outputs, updated = traced.stateless_call(
                     trainable, non_trainable, x, op_weights, shared, training=training
                 )
+                # The updated moving statistics are outputs too: without this, the backward
+                # function would differentiate every moving-average update (a third of an
+                # edge's gradient graph) for gradients that are always zero.
+                return outputs, [tf.stop_gradient(value) for value in updated]
             finally:
                 traced.shared_calls = calls
                 for layer, mask in zip(kernels, saved[0], strict=True):
@@ -186,10 +190,10 @@ class MixedOp(BuiltOnCall, keras.layers.Layer):
             return self.shared_calls(self, x, op_weights, shared_outputs or {}, training)
         return self.mixed(x, op_weights, shared_outputs, training)
 
-    def _sublayers_built(self) -> bool:
-        return all(layer.built for layer in self._flatten_layers(include_self=False))
-
     def mixed(self, x, op_weights, shared_outputs=None, training=None):
+        # One unstack instead of a strided slice per op: a slice and its gradient are
+        # 2 graph nodes and 7 constants each, in every edge of every step.
+        op_weights = tf.unstack(op_weights)
         output = 0.0
         for name in self.active:
             if name in self.candidates:
@@ -198,6 +202,9 @@ class MixedOp(BuiltOnCall, keras.layers.Layer):
                 op_output = shared_outputs[name]
             output = output + op_weights[self.op_names.index(name)] * op_output
         return output
+
+    def _sublayers_built(self) -> bool:
+        return all(layer.built for layer in self._flatten_layers(include_self=False))
 
     def kernel_layers(self) -> list:
         return [layer for op in self.candidates.values() for layer in op.kernel_layers()]
@@ -350,6 +357,7 @@ class Cell(BuiltOnCall, keras.layers.Layer):
         if self.preprocess_1 is not None:
             nodes[1] = self.preprocess_1(s1, training=training)
         shared = {}
+        op_weights, edge_weights = tf.unstack(op_weights), tf.unstack(edge_weights)
         for (source, target, _), mixed_op in zip(self.genotype, self.edge_ops, strict=True):
             if source not in shared:
                 shared[source] = {

@@ -6,6 +6,7 @@ order of `OP_NAMES` (`hmnas_keras.space.search_space`) is the order of α's
 columns. Every operation lists its maskable kernels in `kernel_layers()`.
 """
 
+import math
 from collections.abc import Callable
 
 import keras
@@ -17,6 +18,7 @@ from hmnas_keras.space.maskable import (
     MaskableBatchNormalization,
     MaskableDepthwiseConv2D,
     PointwiseConv,
+    subsample,
 )
 from hmnas_keras.space.search_space import OP_NAMES
 
@@ -49,8 +51,12 @@ class FusedBatchNorm(MaskableBatchNormalization):
             inputs, scale, offset, epsilon=self.epsilon, is_training=True
         )
         # The fused kernel returns the unbiased variance; Keras tracks the biased one.
-        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), inputs.dtype)
-        variance = variance * (count - 1.0) / count
+        if None in inputs.shape[:-1]:
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), inputs.dtype)
+            variance = variance * (count - 1.0) / count
+        else:  # a static shape: a constant factor instead of shape arithmetic in the graph
+            count = math.prod(inputs.shape[:-1])
+            variance = variance * ((count - 1) / count)
         momentum = self.momentum
         self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
         self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
@@ -182,7 +188,7 @@ class DilConv(_ConvOp):
     def call(self, x, training=None):
         x = ops.relu(x)
         if self.stride == 2:
-            x = x[:, ::2, ::2, :]
+            x = subsample(x)
         return self.bn(self.pointwise(self.depthwise(x)), training=training)
 
     def kernel_layers(self) -> list:
@@ -254,9 +260,13 @@ class FactorizedReduce(BuiltOnCall, keras.layers.Layer):
             paths.append(self.conv_1(x))
         if self.conv_2 is not None:
             # The second path sees the input shifted by one pixel; padding the end
-            # keeps both paths at ceil(size / 2) for odd and even sizes alike.
-            shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
-            paths.append(self.conv_2(shifted))
+            # keeps both paths at ceil(size / 2) for odd and even sizes alike. On
+            # even sizes that is the odd rows and columns, taken directly.
+            if all(size is not None and size % 2 == 0 for size in x.shape[1:3]):
+                paths.append(self.conv_2(x, offset=1))
+            else:
+                shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
+                paths.append(self.conv_2(shifted))
         x = ops.concatenate(paths, axis=-1) if len(paths) > 1 else paths[0]
         return self.bn(x, training=training)
 
