@@ -19,8 +19,9 @@ kernel creation and one step; "first run - median" estimates the one-time part),
 then the median ms and images/s over --steps timed calls, and the peak RSS.
 The step runs as a `tf.function` over one batch, as the phases' steps do.
 --json_out=FILE appends one JSON line per kind: kind, first_call_s,
-tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib (and the
-configuration). With --darts_dir, official DARTS' weight and first-order
+tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib,
+graph_nodes (the step's graph with its function calls inlined: what the first
+call instantiates) and the configuration. With --darts_dir, official DARTS' weight and first-order
 iterations run right after ours, each in its own process (a DARTS line has
 "peer": "darts"), so that both are measured in one run:
 
@@ -214,11 +215,12 @@ def measure(kind: str) -> dict:
         return time.perf_counter() - started
 
     started = time.perf_counter()
-    function.get_concrete_function(batch)
+    concrete = function.get_concrete_function(batch)
     tracing = time.perf_counter() - started
     first = run()
     times = [run() for _ in range(FLAGS.steps)]
     median = statistics.median(times)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {
         "kind": kind,
         "first_call_s": round(tracing + first, 3),
@@ -227,12 +229,35 @@ def measure(kind: str) -> dict:
         "one_time_s": round(max(first - median, 0.0), 3),
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(FLAGS.batch_size / median, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_rss_mib": round(peak_rss, 1),
+        "graph_nodes": graph_nodes(concrete.graph.as_graph_def()),
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),
         "weights": sum(int(np.prod(v.shape)) for v in weights),
     }
+
+
+def graph_nodes(graph_def) -> int:
+    """Nodes of `graph_def` with every function call counted as the nodes of its body.
+
+    TensorFlow inlines the calls before running a step: this is about the size of
+    the graph its first call instantiates (a shared edge function counts once per
+    edge)."""
+    library = {function.signature.name: function for function in graph_def.library.function}
+
+    def count(nodes) -> int:
+        total = 0
+        for node in nodes:
+            total += 1
+            name = node.op if node.op in library else None
+            if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
+                name = node.attr["f"].func.name
+            if name in library:
+                total += count(library[name].node_def)
+        return total
+
+    return count(graph_def.node)
 
 
 def _in_own_process(kind: str) -> dict:

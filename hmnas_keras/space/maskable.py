@@ -118,14 +118,24 @@ class MaskableDepthwiseConv2D(MaskableKernel, keras.layers.DepthwiseConv2D):
     def call(self, inputs):
         if self.use_bias:
             raise ValueError("MaskableDepthwiseConv2D supports use_bias=False only.")
-        outputs = ops.depthwise_conv(
-            inputs,
-            self.masked_kernel(),
-            strides=self.strides,
-            padding=self.padding,
-            dilation_rate=self.dilation_rate,
-            data_format=self.data_format,
-        )
+        if tuple(self.dilation_rate) == (1, 1) and self.data_format == "channels_last":
+            # The op itself: Keras (through tf.nn) adds a constant for the dilation rate.
+            outputs = tf.raw_ops.DepthwiseConv2dNative(
+                input=inputs,
+                filter=self.masked_kernel(),
+                strides=[1, *self.strides, 1],
+                padding=self.padding.upper(),
+                data_format="NHWC",
+            )
+        else:
+            outputs = ops.depthwise_conv(
+                inputs,
+                self.masked_kernel(),
+                strides=self.strides,
+                padding=self.padding,
+                dilation_rate=self.dilation_rate,
+                data_format=self.data_format,
+            )
         return self._record_positions(outputs)
 
 

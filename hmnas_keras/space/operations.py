@@ -57,9 +57,11 @@ class FusedBatchNorm(MaskableBatchNormalization):
         else:  # a static shape: a constant factor instead of shape arithmetic in the graph
             count = math.prod(inputs.shape[:-1])
             variance = variance * ((count - 1) / count)
-        momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
+        # Keras' update, with one constant per factor (not one per product).
+        momentum = tf.constant(self.momentum, inputs.dtype)
+        rest = tf.constant(1.0 - self.momentum, inputs.dtype)
+        self.moving_mean.assign(self.moving_mean * momentum + mean * rest)
+        self.moving_variance.assign(self.moving_variance * momentum + variance * rest)
         return self.mask_output(outputs)
 
 

@@ -151,6 +151,15 @@ def apply_unscaled(optimizer, grads, variables, synchronized: bool = False) -> N
     optimizer.apply(grads, variables)
 
 
+def clip_by_global_norm(grads, clip_norm: float) -> list:
+    """`tf.clip_by_global_norm(grads, clip_norm)[0]`, the same values, without its
+    Identity per gradient (a supernet has hundreds: graph nodes to trace and instantiate)."""
+    norm = tf.linalg.global_norm(grads)
+    scale = clip_norm * tf.minimum(1.0 / norm, tf.constant(1.0, norm.dtype) / clip_norm)
+    scale = scale + (norm - norm)  # a norm that is not finite makes every gradient NaN
+    return [g * tf.cast(scale, g.dtype) for g in grads]
+
+
 def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_norm):
     """One SGD-style update as in DARTS: global-norm clip, coupled L2 decay, apply.
 
@@ -164,7 +173,7 @@ def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_
     if scale != 1.0:
         grads = [g * scale for g in grads]
     if grad_clip_norm > 0:
-        grads, _ = tf.clip_by_global_norm(grads, grad_clip_norm)
+        grads = clip_by_global_norm(grads, grad_clip_norm)
     grads = [g + weight_decay * v.value for g, v in zip(grads, variables, strict=True)]
     if scale != 1.0:
         grads = [g * scale for g in grads]
