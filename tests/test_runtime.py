@@ -21,3 +21,30 @@ def test_set_graph_optimization_switches_the_meta_optimizer():
         assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
     finally:
         set_graph_optimization("auto")
+
+
+def test_the_entry_points_load_keras_without_scikit_learn_and_matplotlib():
+    """quiet_logs (imported first by every entry point) loads TensorFlow and Keras without
+    Keras' optional integrations; both import normally afterwards, when the digits data
+    or the pictures need them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from hmnas_keras import quiet_logs\n"
+        "import keras, tensorflow\n"
+        "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))\n"
+        "dense = keras.layers.Dense(1, kernel_initializer='ones')\n"
+        "print(float(dense(tensorflow.ones([1, 2]))[0, 0]))\n"
+        "from hmnas_keras.data import load_digits_arrays\n"
+        "print(load_digits_arrays().train_images.shape[1:])\n"
+        "import matplotlib.pyplot\n"
+        "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["[]", "2.0", "(8, 8, 1)", "['matplotlib', 'sklearn']"]
+    assert "oneDNN" not in result.stderr  # and the start-up logs stay silenced
