@@ -200,9 +200,10 @@ def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_
 
 
 def test_a_shared_edge_function_differentiates_its_output_and_not_its_moving_statistics():
-    """The updated BatchNorm statistics leave a shared edge function as outputs; they carry
-    no gradient (their update is not part of the loss), so the backward function holds
-    none of their arithmetic, and the op weights are unstacked, not sliced one by one."""
+    """The updated BatchNorm statistics leave a shared edge function as one vector without
+    a gradient (their update is not part of the loss), so the backward function holds none
+    of their arithmetic; the op weights are unstacked, not sliced one by one; and the
+    statistics the edge assigns are those of an edge-by-edge call."""
     import tensorflow as tf
 
     space = SearchSpace(num_cells=1, channels=4, num_nodes=2, op_names=OPS)
@@ -217,20 +218,24 @@ def test_a_shared_edge_function_differentiates_its_output_and_not_its_moving_sta
     non_trainable = [tf.convert_to_tensor(v) for v in mixed_op.non_trainable_variables]
     function = mixed_op.shared_calls._trace(mixed_op, training=True)
     shared = {"max_pool_3x3": x * 0.5, "skip_connect": x}
+    arguments = (trainable, non_trainable, [None] * 4, [None] * 2, x, op_weights, shared)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([x, op_weights, *trainable, *non_trainable])
-        output, updated = function(
-            trainable, non_trainable, [None] * 4, [None] * 2, x, op_weights, shared
-        )
-        statistics = tf.add_n([tf.reduce_sum(value) for value in updated])
+        output, statistics = function(*arguments)
         loss = tf.reduce_sum(output * output)
+        statistics_sum = tf.reduce_sum(statistics)
     inputs = [x, op_weights, *trainable, *non_trainable]
     # A function's backward returns zeros, not None, for inputs it reads.
-    assert all(g is None or not np.any(g) for g in tape.gradient(statistics, inputs))
+    assert all(g is None or not np.any(g) for g in tape.gradient(statistics_sum, inputs))
     assert all(g is not None for g in tape.gradient(loss, [x, op_weights, *trainable]))
-    assert len(updated) == len(non_trainable) == 4  # the sep conv's two BNs: mean, variance
-    graph = function.get_concrete_function(
-        trainable, non_trainable, [None] * 4, [None] * 2, x, op_weights, shared
-    ).graph
-    kinds = [op.type for op in graph.get_operations()]
+    # The sep conv's two BNs: mean and variance each, in the variables' order.
+    assert len(non_trainable) == 4 and statistics.shape == (4 * mixed_op.channels,)
+    mixed_op.shared_calls, calls = None, mixed_op.shared_calls
+    before = [v.numpy() for v in mixed_op.non_trainable_variables]
+    mixed_op(x, op_weights, shared, training=True)  # eagerly, edge by edge
+    expected = np.concatenate([v.numpy() for v in mixed_op.non_trainable_variables])
+    np.testing.assert_allclose(statistics, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.concatenate(before), expected)
+    mixed_op.shared_calls = calls
+    kinds = [op.type for op in function.get_concrete_function(*arguments).graph.get_operations()]
     assert kinds.count("Unpack") == 1 and "StridedSlice" not in kinds

@@ -10,6 +10,7 @@ masking, and fixed values in a searched network. A cell built from a
 """
 
 import collections
+import math
 
 import keras
 import tensorflow as tf
@@ -63,7 +64,7 @@ class SharedCalls:
         if key not in self._functions:
             self._functions[key] = (mixed_op, self._trace(mixed_op, bool(training)))
         traced, function = self._functions[key]
-        outputs, updated = function(
+        outputs, statistics = function(
             # Tensors, not variables: a distributed variable passed in loses its gradient.
             [tf.convert_to_tensor(v) for v in mixed_op.trainable_variables],
             [tf.convert_to_tensor(v) for v in mixed_op.non_trainable_variables],
@@ -73,9 +74,13 @@ class SharedCalls:
             op_weights,
             shared_outputs,
         )
-        if training:
-            for variable, value in zip(mixed_op.non_trainable_variables, updated, strict=True):
-                variable.assign(value)
+        if training and mixed_op.non_trainable_variables:
+            variables = mixed_op.non_trainable_variables
+            values = tf.split(statistics, [math.prod(v.shape) for v in variables])
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(
+                    tf.reshape(value, variable.shape) if len(variable.shape) != 1 else value
+                )
         for layer, source in zip(kernels, _mask_hooks(traced)[0], strict=True):
             layer.output_positions = source.output_positions
         return outputs
@@ -95,10 +100,17 @@ class SharedCalls:
                 outputs, updated = traced.stateless_call(
                     trainable, non_trainable, x, op_weights, shared, training=training
                 )
-                # The updated moving statistics are outputs too: without this, the backward
-                # function would differentiate every moving-average update (a third of an
-                # edge's gradient graph) for gradients that are always zero.
-                return outputs, [tf.stop_gradient(value) for value in updated]
+                if not training or not updated:
+                    return outputs, tf.zeros([0])
+                # The updated moving statistics, as one vector: one output instead of one per
+                # statistic (each output is an Identity, and a gradient input of the backward
+                # function), and without a gradient: otherwise the backward function would
+                # differentiate every moving-average update (a third of an edge's gradient
+                # graph) for gradients that are always zero.
+                flat = [
+                    value if len(value.shape) == 1 else tf.reshape(value, [-1]) for value in updated
+                ]
+                return outputs, tf.stop_gradient(tf.concat(flat, axis=0))
             finally:
                 traced.shared_calls = calls
                 for layer, mask in zip(kernels, saved[0], strict=True):
