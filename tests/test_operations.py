@@ -192,3 +192,28 @@ def test_fused_batch_norm_matches_keras_batch_normalization():
         frozen = plain(x, training=True)
         np.testing.assert_allclose(fused(x, training=True), frozen, atol=1e-6)
         np.testing.assert_allclose(frozen, plain(x, training=False), atol=1e-6)
+
+
+def test_graph_constant_is_made_once_per_graph_and_outside_control_dependencies():
+    import tensorflow as tf
+
+    from hmnas_keras.space.maskable import graph_constant
+
+    np.testing.assert_array_equal(graph_constant([1, 2], "int32"), [1, 2])  # eagerly
+    made = []
+
+    @tf.function(autograph=False)
+    def traced(x):
+        with tf.control_dependencies([tf.identity(x)]):
+            first = graph_constant(np.ones(3), x.dtype)
+        made.extend(
+            [first, graph_constant(np.ones(3), x.dtype), graph_constant([0.0] * 3, "float32")]
+        )
+        return x * first
+
+    np.testing.assert_array_equal(traced(tf.fill([3], 2.0)), [2.0, 2.0, 2.0])
+    first, again, zeros = made
+    assert first is again and zeros is not first  # same value, dtype and shape: one node
+    assert first.op.control_inputs == []
+    traced.get_concrete_function(tf.TensorSpec([None]))  # another graph: its own constants
+    assert made[3] is made[4] and made[3] is not first and made[3].graph is not first.graph

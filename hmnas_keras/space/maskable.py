@@ -26,6 +26,7 @@ used once per output position, which is how `hmnas_keras.architecture.counting`
 counts multiply-accumulates.
 """
 
+import weakref
 from collections.abc import Callable
 
 import keras
@@ -154,6 +155,29 @@ class MaskableDense(MaskableKernel, keras.layers.Dense):
         return self._record_positions(outputs)
 
 
+_GRAPH_CONSTANTS = weakref.WeakKeyDictionary()  # graph -> {(dtype, shape, bytes): tensor}
+
+
+def graph_constant(value, dtype):
+    """`tf.constant(value, dtype)`, made once per graph being traced.
+
+    Each layer call otherwise puts its own copies of the same constants (BN's
+    unit scale and zero offset, its momentum, a 1x1 convolution's reshape
+    shapes) into the graph: thousands of nodes in a supernet step, each traced,
+    instantiated and held in memory. The constant is made outside any control
+    dependency, so that sharing it adds none. Eagerly: a new constant.
+    """
+    if tf.executing_eagerly():
+        return tf.constant(value, dtype)
+    array = np.asarray(value, dtype=tf.as_dtype(dtype).as_numpy_dtype)
+    cache = _GRAPH_CONSTANTS.setdefault(tf.compat.v1.get_default_graph(), {})
+    key = (array.dtype.str, array.shape, array.tobytes())
+    if key not in cache:
+        with tf.control_dependencies(None):
+            cache[key] = tf.constant(array, dtype)
+    return cache[key]
+
+
 def subsample(x, offset: int = 0):
     """x[:, offset::2, offset::2, :]: every second row and column, starting at `offset` (0 or 1).
 
@@ -165,11 +189,13 @@ def subsample(x, offset: int = 0):
     height, width, channels = x.shape[1:]
     if None in (height, width, channels) or height % 2 or width % 2:
         return x[:, offset::2, offset::2, :]
-    pairs = tf.reshape(x, [-1, height // 2, 2, width // 2, 2 * channels])
+    pairs = tf.reshape(x, graph_constant([-1, height // 2, 2, width // 2, 2 * channels], "int32"))
     picked = tf.slice(
-        pairs, [0, 0, offset, 0, offset * channels], [-1, height // 2, 1, width // 2, channels]
+        pairs,
+        graph_constant([0, 0, offset, 0, offset * channels], "int32"),
+        graph_constant([-1, height // 2, 1, width // 2, channels], "int32"),
     )
-    return tf.reshape(picked, [-1, height // 2, width // 2, channels])
+    return tf.reshape(picked, graph_constant([-1, height // 2, width // 2, channels], "int32"))
 
 
 class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
@@ -190,12 +216,14 @@ class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
     def call(self, inputs, offset=0):
         if self.strides[0] > 1:
             inputs = subsample(inputs, offset)
-        kernel = tf.reshape(self.masked_kernel(), [inputs.shape[-1], self.filters])
-        outputs = tf.matmul(tf.reshape(inputs, [-1, inputs.shape[-1]]), kernel)
+        kernel_shape = graph_constant([inputs.shape[-1], self.filters], "int32")
+        kernel = tf.reshape(self.masked_kernel(), kernel_shape)
+        rows = tf.reshape(inputs, graph_constant([-1, inputs.shape[-1]], "int32"))
+        outputs = tf.matmul(rows, kernel)
         if None in inputs.shape[1:]:
             shape = tf.concat([tf.shape(inputs)[:-1], [self.filters]], axis=0)
         else:  # a static shape: no shape arithmetic in the graph
-            shape = [-1, *inputs.shape[1:-1], self.filters]
+            shape = graph_constant([-1, *inputs.shape[1:-1], self.filters], "int32")
         return self._record_positions(tf.reshape(outputs, shape))
 
     def get_config(self):

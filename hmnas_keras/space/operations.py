@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -18,6 +19,7 @@ from hmnas_keras.space.maskable import (
     MaskableBatchNormalization,
     MaskableDepthwiseConv2D,
     PointwiseConv,
+    graph_constant,
     subsample,
 )
 from hmnas_keras.space.search_space import OP_NAMES
@@ -44,22 +46,29 @@ class FusedBatchNorm(MaskableBatchNormalization):
         fused = training and self.trainable and len(inputs.shape) == 4
         if not fused or self.axis not in (-1, 3):
             return super().call(inputs, training=training, mask=mask)
-        channels = inputs.shape[-1]
-        scale = self.gamma if self.scale else tf.ones([channels], inputs.dtype)
-        offset = self.beta if self.center else tf.zeros([channels], inputs.dtype)
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, scale, offset, epsilon=self.epsilon, is_training=True
+        channels, dtype = inputs.shape[-1], inputs.dtype
+        scale = self.gamma if self.scale else graph_constant(np.ones(channels), dtype)
+        offset = self.beta if self.center else graph_constant(np.zeros(channels), dtype)
+        # What tf.compat.v1.nn.fused_batch_norm runs, with the graph's shared constants.
+        outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=scale,
+            offset=offset,
+            mean=graph_constant([], dtype),
+            variance=graph_constant([], dtype),
+            epsilon=max(self.epsilon, 1.001e-5),  # the kernel's minimum
+            is_training=True,
         )
         # The fused kernel returns the unbiased variance; Keras tracks the biased one.
         if None in inputs.shape[:-1]:
-            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), inputs.dtype)
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), dtype)
             variance = variance * (count - 1.0) / count
         else:  # a static shape: a constant factor instead of shape arithmetic in the graph
             count = math.prod(inputs.shape[:-1])
-            variance = variance * ((count - 1) / count)
+            variance = variance * graph_constant((count - 1) / count, dtype)
         # Keras' update, with one constant per factor (not one per product).
-        momentum = tf.constant(self.momentum, inputs.dtype)
-        rest = tf.constant(1.0 - self.momentum, inputs.dtype)
+        momentum = graph_constant(self.momentum, dtype)
+        rest = graph_constant(1.0 - self.momentum, dtype)
         self.moving_mean.assign(self.moving_mean * momentum + mean * rest)
         self.moving_variance.assign(self.moving_variance * momentum + variance * rest)
         return self.mask_output(outputs)
