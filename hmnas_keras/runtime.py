@@ -64,3 +64,25 @@ def configure_tensorflow(
             cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
         )
     return intra_op, inter_op
+
+
+def graph_nodes(graph_def) -> int:
+    """Nodes of `graph_def` with every function call counted as the nodes of its body.
+
+    TensorFlow inlines the calls before running a step: this is about the size of
+    the graph its first call instantiates (a shared edge function counts once per
+    edge)."""
+    library = {function.signature.name: function for function in graph_def.library.function}
+
+    def count(nodes) -> int:
+        total = 0
+        for node in nodes:
+            total += 1
+            name = node.op if node.op in library else None
+            if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
+                name = node.attr["f"].func.name
+            if name in library:
+                total += count(library[name].node_def)
+        return total
+
+    return count(graph_def.node)

@@ -48,3 +48,23 @@ def test_the_entry_points_load_keras_without_scikit_learn_and_matplotlib():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == ["[]", "2.0", "(8, 8, 1)", "['matplotlib', 'sklearn']"]
     assert "oneDNN" not in result.stderr  # and the start-up logs stay silenced
+
+
+def test_graph_nodes_counts_a_function_body_once_per_call():
+    from hmnas_keras.runtime import graph_nodes
+
+    @tf.function(autograph=False)
+    def inner(x):
+        return tf.nn.relu(x * 2.0 + 1.0)
+
+    @tf.function(autograph=False)
+    def outer(x):
+        return inner(x) + inner(x * 3.0)
+
+    x = tf.ones([2])
+    graph_def = outer.get_concrete_function(x).graph.as_graph_def()
+    functions = graph_def.library.function
+    body = [f for f in functions if f.signature.name.startswith("__inference_inner")]
+    assert len(body) == 1 and len(body[0].node_def) >= 4  # const, mul, const, add, relu, ...
+    expected = len(graph_def.node) + 2 * len(body[0].node_def)
+    assert graph_nodes(graph_def) == expected

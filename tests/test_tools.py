@@ -58,34 +58,6 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
     assert lines[0]["graph_nodes"] > lines[1]["graph_nodes"] > 100
 
 
-def test_graph_nodes_counts_a_function_body_once_per_call():
-    import importlib.util
-
-    import tensorflow as tf
-
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_tool", os.path.join(ROOT, "tools", "benchmark.py")
-    )
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-
-    @tf.function(autograph=False)
-    def inner(x):
-        return tf.nn.relu(x * 2.0 + 1.0)
-
-    @tf.function(autograph=False)
-    def outer(x):
-        return inner(x) + inner(x * 3.0)
-
-    x = tf.ones([2])
-    graph_def = outer.get_concrete_function(x).graph.as_graph_def()
-    functions = graph_def.library.function
-    body = [f for f in functions if f.signature.name.startswith("__inference_inner")]
-    assert len(body) == 1 and len(body[0].node_def) >= 4  # const, mul, const, add, relu, ...
-    expected = len(graph_def.node) + 2 * len(body[0].node_def)
-    assert benchmark.graph_nodes(graph_def) == expected
-
-
 def test_benchmark_runs_the_darts_peer_after_ours_and_prints_the_ratios(tmp_path):
     # A stand-in for PyTorch's Python: it checks the arguments and answers as
     # tools/darts_official_benchmark.py does.

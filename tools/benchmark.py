@@ -202,7 +202,7 @@ def measure(kind: str) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from hmnas_keras.runtime import configure_tensorflow
+    from hmnas_keras.runtime import configure_tensorflow, graph_nodes
 
     configure_tensorflow(FLAGS.threads, graph_optimization=FLAGS.graph_optimization)
     step, batch, weights = _step_and_batch(kind)
@@ -236,28 +236,6 @@ def measure(kind: str) -> dict:
         ),
         "weights": sum(int(np.prod(v.shape)) for v in weights),
     }
-
-
-def graph_nodes(graph_def) -> int:
-    """Nodes of `graph_def` with every function call counted as the nodes of its body.
-
-    TensorFlow inlines the calls before running a step: this is about the size of
-    the graph its first call instantiates (a shared edge function counts once per
-    edge)."""
-    library = {function.signature.name: function for function in graph_def.library.function}
-
-    def count(nodes) -> int:
-        total = 0
-        for node in nodes:
-            total += 1
-            name = node.op if node.op in library else None
-            if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
-                name = node.attr["f"].func.name
-            if name in library:
-                total += count(library[name].node_def)
-        return total
-
-    return count(graph_def.node)
 
 
 def _in_own_process(kind: str) -> dict:
