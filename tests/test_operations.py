@@ -217,3 +217,24 @@ def test_graph_constant_is_made_once_per_graph_and_outside_control_dependencies(
     assert first.op.control_inputs == []
     traced.get_concrete_function(tf.TensorSpec([None]))  # another graph: its own constants
     assert made[3] is made[4] and made[3] is not first and made[3].graph is not first.graph
+
+
+def test_graph_constant_does_not_keep_a_traced_graph_alive():
+    import gc
+    import weakref
+
+    import tensorflow as tf
+
+    from hmnas_keras.space.maskable import graph_constant
+
+    graphs = []
+
+    def body(x):
+        graphs.append(weakref.ref(tf.compat.v1.get_default_graph()))
+        return x + graph_constant(1.0, "float32")
+
+    concrete = tf.function(body, autograph=False).get_concrete_function(tf.TensorSpec([2]))
+    np.testing.assert_array_equal(concrete(tf.zeros([2])), [1.0, 1.0])
+    del concrete
+    gc.collect()
+    assert graphs[0]() is None

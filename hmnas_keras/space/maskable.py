@@ -155,7 +155,7 @@ class MaskableDense(MaskableKernel, keras.layers.Dense):
         return self._record_positions(outputs)
 
 
-_GRAPH_CONSTANTS = weakref.WeakKeyDictionary()  # graph -> {(dtype, shape, bytes): tensor}
+_GRAPH_CONSTANTS = weakref.WeakKeyDictionary()  # graph -> {(dtype, shape, bytes): weakref}
 
 
 def graph_constant(value, dtype):
@@ -165,17 +165,21 @@ def graph_constant(value, dtype):
     unit scale and zero offset, its momentum, a 1x1 convolution's reshape
     shapes) into the graph: thousands of nodes in a supernet step, each traced,
     instantiated and held in memory. The constant is made outside any control
-    dependency, so that sharing it adds none. Eagerly: a new constant.
+    dependency, so that sharing it adds none. Eagerly: a new constant. The cache
+    holds weak references to the constants (a tensor refers to its graph, so a
+    strong one would keep every traced graph alive).
     """
     if tf.executing_eagerly():
         return tf.constant(value, dtype)
     array = np.asarray(value, dtype=tf.as_dtype(dtype).as_numpy_dtype)
     cache = _GRAPH_CONSTANTS.setdefault(tf.compat.v1.get_default_graph(), {})
     key = (array.dtype.str, array.shape, array.tobytes())
-    if key not in cache:
+    constant = cache[key]() if key in cache else None
+    if constant is None:
         with tf.control_dependencies(None):
-            cache[key] = tf.constant(array, dtype)
-    return cache[key]
+            constant = tf.constant(array, dtype)
+        cache[key] = weakref.ref(constant)
+    return constant
 
 
 def subsample(x, offset: int = 0):
