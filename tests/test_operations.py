@@ -238,3 +238,19 @@ def test_graph_constant_does_not_keep_a_traced_graph_alive():
     del concrete
     gc.collect()
     assert graphs[0]() is None
+
+
+def test_fused_batch_norm_trains_exactly_as_tensorflows_fused_batch_norm():
+    import tensorflow as tf
+
+    from hmnas_keras.space.operations import FusedBatchNorm
+
+    # A variance near ε, so that ε shows in the outputs.
+    x = (np.random.default_rng(9).normal(size=(4, 4, 4, 3)) * 3e-3 + 1).astype("float32")
+    layer = FusedBatchNorm(momentum=0.9, epsilon=1e-5, center=False, scale=False)
+    expected = tf.compat.v1.nn.fused_batch_norm(
+        x, tf.ones([3]), tf.zeros([3]), epsilon=1e-5, is_training=True
+    )[0]
+    np.testing.assert_array_equal(layer(x, training=True), expected)
+    traced = tf.function(lambda x: layer(x, training=True), autograph=False)
+    np.testing.assert_array_equal(traced(x), expected)

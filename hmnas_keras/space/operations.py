@@ -37,9 +37,9 @@ class FusedBatchNorm(MaskableBatchNormalization):
     gradient) makes a supernet step about twice as fast. Inference and the
     variables are those of `keras.layers.BatchNormalization`, and so is a
     frozen layer (`trainable=False` normalises with the moving statistics, also
-    in training). One difference: TensorFlow's fused kernel raises ε to at
-    least 1.001e-5, so a layer with ε = 1e-5 divides by sqrt(var + 1.001e-5) in
-    training (a relative difference of about 5e-7 at unit variance).
+    in training). The fused kernel gets ε as it is: TensorFlow 2.21's
+    `tf.compat.v1.nn.fused_batch_norm` no longer raises it to 1.001e-5, and its
+    CPU kernel normalises with the ε given, as Keras does.
     """
 
     def call(self, inputs, training=None, mask=None):
@@ -56,7 +56,7 @@ class FusedBatchNorm(MaskableBatchNormalization):
             offset=offset,
             mean=graph_constant([], dtype),
             variance=graph_constant([], dtype),
-            epsilon=max(self.epsilon, 1.001e-5),  # the kernel's minimum
+            epsilon=self.epsilon,
             is_training=True,
         )
         # The fused kernel returns the unbiased variance; Keras tracks the biased one.
