@@ -70,6 +70,7 @@ from keras import ops
 
 from hmnas_keras.architecture.cost import MaskCost, channel_groups, supernet_norms
 from hmnas_keras.checkpoint import relative_path
+from hmnas_keras.space.maskable import graph_constant
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.trainer import (
     NetworkTrainer,
@@ -97,7 +98,7 @@ def binarize(shifted):
     def grad(upstream):
         return upstream
 
-    return tf.cast(shifted >= 0, shifted.dtype), grad
+    return tf.cast(shifted >= graph_constant(0.0, shifted.dtype), shifted.dtype), grad
 
 
 def _variable_name(path: str) -> str:
@@ -212,7 +213,7 @@ class MaskedSearch(NetworkTrainer):
 
     def _binary(self, mask):
         """M = H(M^r − τ), straight-through."""
-        return binarize(mask - self.threshold)
+        return binarize(mask - graph_constant(self.threshold, mask.dtype))
 
     def channel_vector(self, group: tuple):
         """The binary mask of a channel group; ("cell", i, a, b) is a slice of ("cell", i)."""
@@ -437,7 +438,8 @@ class MaskedSearch(NetworkTrainer):
         # The optimizers sum what each replica passes: hand them 1/replicas of it.
         scale = replica_scale()
         weight_masks, arch_masks = self.weight_mask_variables, self.arch_mask_variables
-        grads = [g * scale for g in grads]
+        if scale != 1.0:  # not a product per mask for nothing
+            grads = [g * scale for g in grads]
         apply_unscaled(self.weight_mask_optimizer, grads[: len(weight_masks)], weight_masks)
         if arch_masks:
             apply_unscaled(self.arch_mask_optimizer, grads[len(weight_masks) :], arch_masks)
