@@ -63,3 +63,24 @@ def test_fused_apply_leaves_what_it_does_not_cover_to_keras(make):
     assert int(optimizer.iterations) == 0
     for got, expected in zip(variables, _variables(0), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("clip", [0.5, 100.0])  # clipped, and left as they are
+def test_clip_by_global_norm_is_tensorflows_without_its_identities(clip):
+    import tensorflow as tf
+
+    from hmnas_keras.training.trainer import clip_by_global_norm
+
+    rng = np.random.default_rng(11)
+    grads = [tf.constant(rng.normal(size=shape).astype("float32")) for shape in [(3, 4), (5,)]]
+    expected, _ = tf.clip_by_global_norm(grads, clip)
+    for got, want in zip(clip_by_global_norm(grads, clip), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Identities: one per output of the traced function, and TensorFlow's one per gradient
+    # (its function also returns the norm: 3 outputs).
+    for function, identities in ((clip_by_global_norm, 2), (tf.clip_by_global_norm, 3 + 2)):
+        concrete = tf.function(lambda g, f=function: f(g, clip)).get_concrete_function(grads)
+        kinds = [op.type for op in concrete.graph.get_operations()]
+        assert kinds.count("Identity") == identities
+    infinite = [grads[0], tf.constant([np.inf, 1.0], tf.float32)]
+    assert all(np.isnan(g).all() for g in clip_by_global_norm(infinite, clip))
