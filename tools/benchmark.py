@@ -220,7 +220,7 @@ def measure(kind: str) -> dict:
     first = run()
     times = [run() for _ in range(FLAGS.steps)]
     median = statistics.median(times)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # before as_graph_def
     return {
         "kind": kind,
         "first_call_s": round(tracing + first, 3),

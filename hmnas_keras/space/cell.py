@@ -10,13 +10,17 @@ masking, and fixed values in a searched network. A cell built from a
 """
 
 import collections
-import math
 
 import keras
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.space.maskable import FLOAT32, MaskableBatchNormalization, MaskableKernel
+from hmnas_keras.space.maskable import (
+    FLOAT32,
+    MaskableBatchNormalization,
+    MaskableKernel,
+    graph_constant,
+)
 from hmnas_keras.space.operations import (
     BuiltOnCall,
     FactorizedReduce,
@@ -75,12 +79,10 @@ class SharedCalls:
             shared_outputs,
         )
         if training and mixed_op.non_trainable_variables:
-            variables = mixed_op.non_trainable_variables
-            values = tf.split(statistics, [math.prod(v.shape) for v in variables])
+            variables = mixed_op.non_trainable_variables  # BN moving statistics: vectors
+            values = tf.split(statistics, [v.shape[0] for v in variables])
             for variable, value in zip(variables, values, strict=True):
-                variable.assign(
-                    tf.reshape(value, variable.shape) if len(variable.shape) != 1 else value
-                )
+                variable.assign(value)
         for layer, source in zip(kernels, _mask_hooks(traced)[0], strict=True):
             layer.output_positions = source.output_positions
         return outputs
@@ -101,16 +103,13 @@ class SharedCalls:
                     trainable, non_trainable, x, op_weights, shared, training=training
                 )
                 if not training or not updated:
-                    return outputs, tf.zeros([0])
-                # The updated moving statistics, as one vector: one output instead of one per
-                # statistic (each output is an Identity, and a gradient input of the backward
-                # function), and without a gradient: otherwise the backward function would
-                # differentiate every moving-average update (a third of an edge's gradient
-                # graph) for gradients that are always zero.
-                flat = [
-                    value if len(value.shape) == 1 else tf.reshape(value, [-1]) for value in updated
-                ]
-                return outputs, tf.stop_gradient(tf.concat(flat, axis=0))
+                    return outputs, graph_constant([], "float32")
+                # The updated moving statistics (vectors), as one vector: one output instead
+                # of one per statistic (each output is an Identity, and a gradient input of
+                # the backward function), and without a gradient: otherwise the backward
+                # function would differentiate every moving-average update (a third of an
+                # edge's gradient graph) for gradients that are always zero.
+                return outputs, tf.stop_gradient(tf.concat(updated, axis=0))
             finally:
                 traced.shared_calls = calls
                 for layer, mask in zip(kernels, saved[0], strict=True):

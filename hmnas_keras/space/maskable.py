@@ -182,6 +182,11 @@ def graph_constant(value, dtype):
     return constant
 
 
+def has_even_size(x) -> bool:
+    """Whether `x` (NHWC) has a known, even height and width."""
+    return all(size is not None and size % 2 == 0 for size in x.shape[1:3])
+
+
 def subsample(x, offset: int = 0):
     """x[:, offset::2, offset::2, :]: every second row and column, starting at `offset` (0 or 1).
 
@@ -191,7 +196,7 @@ def subsample(x, offset: int = 0):
     32x32x32x32). Odd or unknown sizes take the strided slice.
     """
     height, width, channels = x.shape[1:]
-    if None in (height, width, channels) or height % 2 or width % 2:
+    if not has_even_size(x) or channels is None:
         return x[:, offset::2, offset::2, :]
     pairs = tf.reshape(x, graph_constant([-1, height // 2, 2, width // 2, 2 * channels], "int32"))
     picked = tf.slice(
@@ -213,9 +218,9 @@ class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
     """
 
     def __init__(self, filters: int, strides: int = 1, **kwargs):
-        if strides not in (1, 2, (1, 1), (2, 2), [1, 1], [2, 2]):
-            raise ValueError(f"Received an invalid stride, expected 1 or 2. Received: {strides}")
         super().__init__(filters, 1, strides=strides, use_bias=False, **kwargs)
+        if self.strides not in ((1, 1), (2, 2)):  # subsample() takes every second position
+            raise ValueError(f"Received an invalid stride, expected 1 or 2. Received: {strides}")
 
     def call(self, inputs, offset=0):
         if self.strides[0] > 1:

@@ -20,6 +20,7 @@ from hmnas_keras.space.maskable import (
     MaskableDepthwiseConv2D,
     PointwiseConv,
     graph_constant,
+    has_even_size,
     subsample,
 )
 from hmnas_keras.space.search_space import OP_NAMES
@@ -273,7 +274,7 @@ class FactorizedReduce(BuiltOnCall, keras.layers.Layer):
             # The second path sees the input shifted by one pixel; padding the end
             # keeps both paths at ceil(size / 2) for odd and even sizes alike. On
             # even sizes that is the odd rows and columns, taken directly.
-            if all(size is not None and size % 2 == 0 for size in x.shape[1:3]):
+            if has_even_size(x):
                 paths.append(self.conv_2(x, offset=1))
             else:
                 shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
