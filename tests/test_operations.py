@@ -254,3 +254,60 @@ def test_fused_batch_norm_trains_exactly_as_tensorflows_fused_batch_norm():
     np.testing.assert_array_equal(layer(x, training=True), expected)
     traced = tf.function(lambda x: layer(x, training=True), autograph=False)
     np.testing.assert_array_equal(traced(x), expected)
+
+
+def test_deferred_moving_statistics_update_exactly_as_each_layer_would():
+    """Within `deferred_moving_statistics`, training-mode FusedBatchNorms leave their moving
+    statistics alone; `moving_averages` then gives, as one vector, bit for bit what each
+    layer would have assigned: momenta that differ, and a frozen layer keeps its values."""
+    import tensorflow as tf
+
+    from hmnas_keras.space.operations import (
+        FusedBatchNorm,
+        deferred_moving_statistics,
+        moving_averages,
+    )
+
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=(4, 5, 5, 3)) * 2 + 1).astype("float32")
+
+    def layers():
+        made = [FusedBatchNorm(momentum=m, epsilon=1e-5) for m in (0.9, 0.9, 0.99, 0.9)]
+        for layer in made:
+            layer.build(x.shape)
+            for variable in layer.non_trainable_variables:
+                variable.assign(np.random.default_rng(12).uniform(0.5, 2, 3).astype("float32"))
+        made[-1].trainable = False  # frozen: the moving statistics, no update
+        return made
+
+    def outputs(made):
+        return [layer(x * (i + 1), training=True) for i, layer in enumerate(made)]
+
+    immediate, deferred = layers(), layers()
+    expected_outputs = outputs(immediate)
+    expected = np.concatenate(
+        [v.numpy() for layer in immediate for v in layer.non_trainable_variables]
+    )
+
+    @tf.function(autograph=False)
+    def update():
+        variables = [v for layer in deferred for v in layer.non_trainable_variables]
+        values = [tf.convert_to_tensor(v) for v in variables]
+        with deferred_moving_statistics() as statistics:
+            got = outputs(deferred)
+        assert len(statistics) == 6  # mean and variance of the three layers that train
+        return got, moving_averages(variables, values, statistics)
+
+    before = [v.numpy() for layer in deferred for v in layer.non_trainable_variables]
+    got_outputs, vector = update()
+    after = [v.numpy() for layer in deferred for v in layer.non_trainable_variables]
+    np.testing.assert_array_equal(np.concatenate(after), np.concatenate(before))  # not assigned
+    np.testing.assert_array_equal(vector, expected)
+    assert not np.array_equal(expected[:3], before[0])
+    np.testing.assert_array_equal(expected[-6:], np.concatenate(before[-2:]))  # frozen
+    for got, want in zip(got_outputs, expected_outputs, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Outside the context, a layer updates its own statistics again.
+    layer = deferred[0]
+    layer(x, training=True)
+    assert not np.array_equal(layer.moving_mean.numpy(), after[0])

@@ -239,3 +239,11 @@ def test_a_shared_edge_function_differentiates_its_output_and_not_its_moving_sta
     mixed_op.shared_calls = calls
     kinds = [op.type for op in function.get_concrete_function(*arguments).graph.get_operations()]
     assert kinds.count("Unpack") == 1 and "StridedSlice" not in kinds
+    # The moving averages of all four statistics: one product per factor and one sum.
+    graph = function.get_concrete_function(*arguments).graph
+    update = graph.structured_outputs[1].op
+    while update.type in ("Identity", "StopGradient"):
+        update = update.inputs[0].op
+    assert update.type == "AddV2"
+    assert [t.op.type for t in update.inputs] == ["Mul", "Mul"]
+    assert [t.op.inputs[0].op.type for t in update.inputs] == ["ConcatV2", "ConcatV2"]

@@ -26,7 +26,9 @@ from hmnas_keras.space.operations import (
     FactorizedReduce,
     ReLUConvBN,
     build_op,
+    deferred_moving_statistics,
     half_split,
+    moving_averages,
 )
 from hmnas_keras.space.search_space import (
     OP_NAMES,
@@ -99,17 +101,19 @@ class SharedCalls:
                     layer._kernel_mask = None if mask is None else (lambda mask=mask: mask)
                 for layer, mask in zip(norms, output_masks, strict=True):
                     layer._output_mask = None if mask is None else (lambda mask=mask: mask)
-                outputs, updated = traced.stateless_call(
-                    trainable, non_trainable, x, op_weights, shared, training=training
-                )
-                if not training or not updated:
+                with deferred_moving_statistics() as statistics:
+                    outputs, _ = traced.stateless_call(
+                        trainable, non_trainable, x, op_weights, shared, training=training
+                    )
+                if not training or not non_trainable:
                     return outputs, graph_constant([], "float32")
                 # The updated moving statistics (vectors), as one vector: one output instead
                 # of one per statistic (each output is an Identity, and a gradient input of
-                # the backward function), and without a gradient: otherwise the backward
-                # function would differentiate every moving-average update (a third of an
-                # edge's gradient graph) for gradients that are always zero.
-                return outputs, tf.stop_gradient(tf.concat(updated, axis=0))
+                # the backward function), updated all at once, and without a gradient:
+                # otherwise the backward function would differentiate every moving-average
+                # update (a third of an edge's gradient graph) for gradients always zero.
+                updated = moving_averages(traced.non_trainable_variables, non_trainable, statistics)
+                return outputs, tf.stop_gradient(updated)
             finally:
                 traced.shared_calls = calls
                 for layer, mask in zip(kernels, saved[0], strict=True):

@@ -6,7 +6,9 @@ order of `OP_NAMES` (`hmnas_keras.space.search_space`) is the order of α's
 columns. Every operation lists its maskable kernels in `kernel_layers()`.
 """
 
+import contextlib
 import math
+import threading
 from collections.abc import Callable
 
 import keras
@@ -28,6 +30,51 @@ from hmnas_keras.space.search_space import OP_NAMES
 # BatchNormalization inside the searched operations carries no affine
 # parameters, as in DARTS' supernet: op and edge weights provide the scale.
 BN_MOMENTUM = 0.9
+
+_DEFERRED = threading.local()  # per thread: a distribution strategy runs replicas in threads
+
+
+@contextlib.contextmanager
+def deferred_moving_statistics():
+    """Within it, a training-mode `FusedBatchNorm` leaves its moving statistics alone and
+    records its batch statistics instead: yields {id(variable): (batch value, momentum)}.
+
+    The caller then updates them all at once (`moving_averages`): an edge of the
+    supernet has 12 moving statistics, and three ops each (two products and a sum)
+    were a tenth of a supernet step's graph.
+    """
+    previous = getattr(_DEFERRED, "statistics", None)
+    _DEFERRED.statistics = statistics = {}
+    try:
+        yield statistics
+    finally:
+        _DEFERRED.statistics = previous
+
+
+def moving_averages(variables, values, statistics):
+    """The moving statistics `variables`, whose current values are `values`, after the batch
+    statistics recorded by `deferred_moving_statistics`, as one vector (the variables' in
+    order): m·value + (1 − m)·batch, what `FusedBatchNorm` assigns, computed for all at once
+    and so the same numbers; a variable without batch statistics keeps its value."""
+    if not all(id(v) in statistics for v in variables):
+        return tf.concat(
+            [
+                value
+                if id(variable) not in statistics
+                else moving_averages([variable], [value], statistics)
+                for variable, value in zip(variables, values, strict=True)
+            ],
+            axis=0,
+        )
+    batch, momenta = zip(*(statistics[id(v)] for v in variables), strict=True)
+    dtype = values[0].dtype
+    if len(set(momenta)) == 1:
+        momentum, rest = graph_constant(momenta[0], dtype), graph_constant(1.0 - momenta[0], dtype)
+    else:
+        sizes = [v.shape[0] for v in variables]
+        momentum = graph_constant(np.repeat(momenta, sizes), dtype)
+        rest = graph_constant(np.repeat([1.0 - m for m in momenta], sizes), dtype)
+    return tf.concat(values, axis=0) * momentum + tf.concat(batch, axis=0) * rest
 
 
 class FusedBatchNorm(MaskableBatchNormalization):
@@ -67,6 +114,11 @@ class FusedBatchNorm(MaskableBatchNormalization):
         else:  # a static shape: a constant factor instead of shape arithmetic in the graph
             count = math.prod(inputs.shape[:-1])
             variance = variance * graph_constant((count - 1) / count, dtype)
+        deferred = getattr(_DEFERRED, "statistics", None)
+        if deferred is not None:
+            deferred[id(self.moving_mean)] = (mean, self.momentum)
+            deferred[id(self.moving_variance)] = (variance, self.momentum)
+            return self.mask_output(outputs)
         # Keras' update, with one constant per factor (not one per product).
         momentum = graph_constant(self.momentum, dtype)
         rest = graph_constant(1.0 - self.momentum, dtype)

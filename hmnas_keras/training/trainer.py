@@ -174,7 +174,8 @@ def apply_weight_gradients(optimizer, grads, variables, weight_decay, grad_clip_
         grads = [g * scale for g in grads]
     if grad_clip_norm > 0:
         grads = clip_by_global_norm(grads, grad_clip_norm)
-    grads = [g + weight_decay * v.value for g, v in zip(grads, variables, strict=True)]
+    decay = {dtype: tf.constant(weight_decay, dtype) for dtype in {v.dtype for v in variables}}
+    grads = [g + decay[v.dtype] * v.value for g, v in zip(grads, variables, strict=True)]  # 1 const
     if scale != 1.0:
         grads = [g * scale for g in grads]
     apply_unscaled(optimizer, grads, variables, synchronized=True)
