@@ -148,29 +148,41 @@ def test_sigma_zero_never_and_sigma_one_always_steps_alpha():
     assert int(search.weight_optimizer.iterations.numpy()) == 4
 
 
-def test_one_traced_function_runs_both_kinds_of_iteration_as_two_functions_would():
+def test_an_iteration_is_two_traced_steps_that_compute_what_one_function_would():
+    """fit() runs an iteration as the architecture step's traced function, then the weight
+    step's (traced once for both kinds of iteration; the first architecture step's first
+    run overlaps the weight step's tracing): the same state as one traced function of
+    the whole iteration per kind."""
     # σ = 1, then 0: iteration 0 takes the architecture step, iterations 1-3 do not.
     policy = ArchStepPolicy(schedule=ArchStepSchedule("step", 0.0, 1))
     data = tf.data.Dataset.from_tensors((batches(4, 0), batches(4, 1))).repeat(4)
-    results = {}
-    for combined in (True, False):
-        search = make_search(policy)
-        search.combined_step = combined
-        history = search.fit(data, epochs=1, verbose=0)
-        assert history.history["arch_step_fraction"] == [0.25]
-        assert int(search.arch_optimizer.iterations.numpy()) == 1
-        traces = [f.experimental_get_tracing_count() for f in search.traced_steps]
-        assert traces == ([1] if combined else [1, 1])
-        results[combined] = values(search.state_variables)
-    for one, two in zip(results[True], results[False], strict=True):
-        np.testing.assert_allclose(one, two, rtol=1e-6, atol=1e-7)
+    search = make_search(policy)
+    history = search.fit(data, epochs=1, verbose=0)
+    assert history.history["arch_step_fraction"] == [0.25]
+    assert int(search.arch_optimizer.iterations.numpy()) == 1
+    assert int(search.weight_optimizer.iterations.numpy()) == 4
+    assert [f.experimental_get_tracing_count() for f in search.traced_steps] == [1, 1]
+
+    reference = make_search(policy)
+    reference.make_train_function()  # the metrics' state, as fit() leaves it
+    iteration = {
+        take: tf.function(lambda data, take=take: reference._bilevel_step(data, take))
+        for take in (True, False)
+    }
+    for take in (True, False, False, False):
+        iteration[take]((batches(4, 0), batches(4, 1)))
+    for got, expected in zip(
+        values(search.state_variables), values(reference.state_variables), strict=True
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_without_a_strategy_the_iterations_share_one_traced_function():
+def test_after_warm_up_the_architecture_step_is_traced_alone():
     search = make_search(ArchStepPolicy(warmup_steps=1))
-    data = tf.data.Dataset.from_tensors((batches(4, 0), batches(4, 1))).repeat(2)
-    search.fit(data, epochs=1, verbose=0)
-    assert [f.experimental_get_tracing_count() for f in search.traced_steps] == [1]
+    data = tf.data.Dataset.from_tensors((batches(4, 0), batches(4, 1))).repeat(3)
+    history = search.fit(data, epochs=1, verbose=0)
+    assert history.history["arch_step_fraction"] == [pytest.approx(2 / 3)]
+    assert [f.experimental_get_tracing_count() for f in search.traced_steps] == [1, 1]
 
 
 def _ce(labels, logits):

@@ -68,3 +68,61 @@ def test_graph_nodes_counts_a_function_body_once_per_call():
     assert len(body) == 1 and len(body[0].node_def) >= 4  # const, mul, const, add, relu, ...
     expected = len(graph_def.node) + 2 * len(body[0].node_def)
     assert graph_nodes(graph_def) == expected
+
+
+def test_call_while_tracing_runs_the_first_call_in_a_thread_while_tracing_the_next_step():
+    import threading
+
+    import numpy as np
+
+    from hmnas_keras.runtime import call_while_tracing
+
+    traced = threading.Event()
+    seen = {"timeout": 60.0}
+    counter = tf.Variable(0.0)
+
+    def record(x):
+        # Runs inside the first step: it sees the second step traced meanwhile.
+        seen["overlapped"] = traced.wait(timeout=seen["timeout"])
+        return x
+
+    @tf.function(autograph=False)
+    def first(x):
+        counter.assign_add(tf.py_function(record, [x], tf.float32))
+        return counter.read_value()
+
+    @tf.function(autograph=False)
+    def second(x):
+        traced.set()
+        return x * 2.0
+
+    call_while_tracing(first, (tf.constant(3.0),), second, (tf.constant(1.0),))
+    assert float(counter.numpy()) == 3.0  # finished when the call returns
+    assert seen["overlapped"]
+    assert second.experimental_get_tracing_count() == 1
+    np.testing.assert_array_equal(second(tf.constant(1.0)), 2.0)
+    assert second.experimental_get_tracing_count() == 1  # the call used that trace
+
+    # `second` traced already: a plain call, nothing traced.
+    traced.clear()
+    seen["timeout"] = 0.2
+    call_while_tracing(first, (tf.constant(1.0),), second, (tf.constant(1.0),))
+    assert float(counter.numpy()) == 4.0 and not seen["overlapped"]
+    assert second.experimental_get_tracing_count() == 1
+
+
+def test_call_while_tracing_raises_the_first_calls_error_after_tracing():
+    from hmnas_keras.runtime import call_while_tracing
+
+    @tf.function(autograph=False)
+    def failing(x):
+        tf.debugging.assert_positive(x, message="x must be positive")
+        return x
+
+    @tf.function(autograph=False)
+    def second(x):
+        return x + 1.0
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="x must be positive"):
+        call_while_tracing(failing, (tf.constant(-1.0),), second, (tf.constant(1.0),))
+    assert second.experimental_get_tracing_count() == 1

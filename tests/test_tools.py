@@ -33,7 +33,7 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
     # (the supernet's kinds share the mask step's supernet and the phases' builders).
     json_out = tmp_path / "bench.jsonl"
     result = run_tiny_benchmark(
-        "--kinds=mask,finetune",
+        "--kinds=mask,finetune,first_order",
         f"--json_out={json_out}",
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -43,8 +43,15 @@ def test_benchmark_prints_a_row_per_kind(tmp_path):
         values = [float(v) for v in rows[label][-6:]]
         assert all(v > 0 for v in values), (label, values)
     assert "weight step" not in rows and "evaluation step" not in rows
+    # The iteration with the architecture step traces while its first call runs: no split.
+    assert rows["weight + arch (1st)"][-5:-3] == ["–", "–"]
     lines = [json.loads(line) for line in json_out.read_text().splitlines()]
-    assert [line["kind"] for line in lines] == ["mask", "finetune"]
+    assert [line["kind"] for line in lines] == ["mask", "finetune", "first_order"]
+    bilevel = lines.pop()
+    assert bilevel["tracing_s"] is None and bilevel["first_execution_s"] is None
+    assert bilevel["first_call_s"] > 0 and bilevel["median_ms"] > 0
+    assert bilevel["weights"] == lines[0]["weights"]  # the same supernet as the mask step's
+    assert bilevel["graph_nodes"] > lines[0]["graph_nodes"]  # two passes: arch and weight
     for line in lines:
         assert line["first_call_s"] == pytest.approx(
             line["tracing_s"] + line["first_execution_s"], abs=2e-3

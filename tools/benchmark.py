@@ -17,7 +17,11 @@ For each: the first call split into tracing (Python tracing and building the
 graph: `get_concrete_function`) and the first execution (graph optimisation,
 kernel creation and one step; "first run - median" estimates the one-time part),
 then the median ms and images/s over --steps timed calls, and the peak RSS.
-The step runs as a `tf.function` over one batch, as the phases' steps do.
+The step runs as a `tf.function` over one batch, as the phases' steps do; the
+supernet's kinds run as the search's iterations (`iteration_function`: the
+architecture step and the weight step, two traced functions), and an
+iteration with the architecture step traces the weight step while the
+architecture step's first call runs, so its first call has no split ("–").
 --json_out=FILE appends one JSON line per kind: kind, first_call_s,
 tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib,
 graph_nodes (the step's graph with its function calls inlined: what the first
@@ -156,16 +160,32 @@ def _step_and_batch(kind: str):
         return next(iter(dataset))
 
     if kind in ("weight", "first_order", "second_order"):
+        import itertools
+
+        import tensorflow as tf
+
         from hmnas_keras.pipeline.supernet_phase import build_search
 
         supernet = dataclasses.replace(config.supernet, second_order=kind == "second_order")
         search = build_search(dataclasses.replace(config, supernet=supernet), data)
         take_arch_step = kind != "weight"
-        return (
-            lambda batch: search._bilevel_step(batch, take_arch_step),
-            batch_of(data.bilevel_dataset(1)),
-            search.supernet.weight_variables,
-        )
+        batch = batch_of(data.bilevel_dataset(1))
+        run, iterator = search.iteration_function(), itertools.repeat(batch)
+        arch, weight = search.traced_steps
+        arguments = {arch: (batch,), weight: (batch, tf.constant(float(take_arch_step)))}
+
+        def concrete_functions():
+            return [
+                function.get_concrete_function(*arguments[function])
+                for function in (arch, weight)
+                if function.experimental_get_tracing_count()
+            ]
+
+        step = lambda batch: run(iterator, take_arch_step)  # noqa: E731
+        step.concrete_functions = concrete_functions
+        if not take_arch_step:  # one traced function: its tracing can be timed apart
+            step.trace = lambda: weight.get_concrete_function(*arguments[weight])
+        return step, batch, search.supernet.weight_variables
     if kind == "mask":
         from hmnas_keras.pipeline.mask_phase import build_masked_search
 
@@ -206,7 +226,13 @@ def measure(kind: str) -> dict:
 
     configure_tensorflow(FLAGS.threads, graph_optimization=FLAGS.graph_optimization)
     step, batch, weights = _step_and_batch(kind)
-    function = tf.function(step, reduce_retracing=True, autograph=False)
+    if hasattr(step, "concrete_functions"):  # a bilevel iteration: its traced functions inside
+        function, trace, concrete_functions = step, getattr(step, "trace", None), None
+    else:
+        function = tf.function(step, reduce_retracing=True, autograph=False)
+        trace = lambda: function.get_concrete_function(batch)  # noqa: E731
+        concrete_functions = lambda: [function.get_concrete_function(batch)]  # noqa: E731
+    concrete_functions = concrete_functions or step.concrete_functions
 
     def run() -> float:
         started = time.perf_counter()
@@ -214,23 +240,26 @@ def measure(kind: str) -> dict:
         float(logs["loss"])  # waits for the step to finish
         return time.perf_counter() - started
 
-    started = time.perf_counter()
-    concrete = function.get_concrete_function(batch)
-    tracing = time.perf_counter() - started
+    tracing = None
+    if trace is not None:
+        started = time.perf_counter()
+        trace()
+        tracing = time.perf_counter() - started
     first = run()
     times = [run() for _ in range(FLAGS.steps)]
     median = statistics.median(times)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # before as_graph_def
     return {
         "kind": kind,
-        "first_call_s": round(tracing + first, 3),
-        "tracing_s": round(tracing, 3),
-        "first_execution_s": round(first, 3),
-        "one_time_s": round(max(first - median, 0.0), 3),
+        "first_call_s": round((tracing or 0.0) + first, 3),
+        # The first iteration with an architecture step traces while it runs: no split.
+        "tracing_s": None if tracing is None else round(tracing, 3),
+        "first_execution_s": None if tracing is None else round(first, 3),
+        "one_time_s": round(max((tracing or 0.0) + first - median, 0.0), 3),
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(FLAGS.batch_size / median, 1),
         "peak_rss_mib": round(peak_rss, 1),
-        "graph_nodes": graph_nodes(concrete.graph.as_graph_def()),
+        "graph_nodes": sum(graph_nodes(f.graph.as_graph_def()) for f in concrete_functions()),
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),
@@ -276,9 +305,13 @@ def _darts(kind: str) -> dict:
 
 
 def _row(label: str, result: dict) -> str:
+    def seconds(key):
+        value = result.get(key)
+        return f"{'–' if value is None else f'{value:.1f}':>13}"
+
     return (
-        f"{label:<22}{result['first_call_s']:>13.1f}{result.get('tracing_s', float('nan')):>13.1f}"
-        f"{result.get('first_execution_s', float('nan')):>13.1f}{result['median_ms']:>13.0f}"
+        f"{label:<22}{result['first_call_s']:>13.1f}{seconds('tracing_s')}"
+        f"{seconds('first_execution_s')}{result['median_ms']:>13.0f}"
         f"{result['images_per_s']:>13.1f}{result['peak_rss_mib']:>13.0f}"
     )
 

@@ -7,19 +7,17 @@ optimizer, then updates the network weights on the weight batch.
 
 Whether an iteration takes the architecture step is decided on the host by an
 `ArchStepPolicy` (`hmnas_keras.training.arch_step`: warm-up, then probability
-σ(t)). Without a distribution strategy one traced function runs both kinds
-of iteration, the architecture step under `tf.cond` on the host's decision:
-the weight step is traced and the graph optimised once instead of twice.
-Under a strategy (an optimizer step inside `tf.cond` fails under
-`MirroredStrategy`) there are two traced functions, one with the architecture
-step and one without. Never a zero gradient instead of a skipped step: it
-would still move Adam.
+σ(t)). The architecture step and the weight step are two traced functions
+of the iteration's batch: an iteration without the architecture step calls
+only the second, so the weight step is traced once for both kinds. Never a
+zero gradient instead of a skipped step: it would still move Adam.
 """
 
 import keras
 import tensorflow as tf
 from keras import ops
 
+from hmnas_keras.runtime import call_while_tracing
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.arch_step import ArchStepPolicy
 from hmnas_keras.training.trainer import (
@@ -206,25 +204,26 @@ class BilevelSearch(NetworkTrainer):
         self.arch_loss.update_state(loss)
         self.arch_accuracy.update_state(arch_batch[1], logits)
 
-    def _bilevel_step(self, data, take_arch_step):
-        """One iteration; `take_arch_step` is a Python bool or a boolean tensor (`tf.cond`)."""
+    def _arch_only(self, data):
+        """The architecture step of an iteration (no logs: the weight step's report them)."""
         weight_batch, arch_batch = data
-        if isinstance(take_arch_step, bool):
-            if take_arch_step:
-                self._arch_step(weight_batch, arch_batch)
-            fraction = 1.0 if take_arch_step else 0.0
-        else:
+        self._arch_step(weight_batch, arch_batch)
+        return {}
 
-            def arch_step():
-                self._arch_step(weight_batch, arch_batch)
-                return tf.constant(1.0)
-
-            fraction = tf.cond(take_arch_step, arch_step, lambda: tf.constant(0.0))
-        self.arch_step_fraction.update_state(fraction)
-        images, labels = weight_batch
+    def _weight_only(self, data, arch_step_fraction):
+        """The weight step of an iteration; `arch_step_fraction`: 1 if it took an architecture
+        step, else 0."""
+        self.arch_step_fraction.update_state(arch_step_fraction)
+        images, labels = data[0]
         return self.weight_step(
             images, labels, self.supernet.weight_variables, self.weight_optimizer
         )
+
+    def _bilevel_step(self, data, take_arch_step: bool):
+        """One iteration as one function of the batch (what `iteration_function` runs)."""
+        if take_arch_step:
+            self._arch_only(data)
+        return self._weight_only(data, 1.0 if take_arch_step else 0.0)
 
     def fit(self, *args, shuffle=False, **kwargs):
         """Keras `fit()`; the data arrive already shuffled (by seed), so no shuffle here."""
@@ -234,28 +233,31 @@ class BilevelSearch(NetworkTrainer):
         """One iteration with the architecture step (fit() dispatches via the policy)."""
         return self._bilevel_step(data, take_arch_step=True)
 
-    # One traced function for both kinds of iteration (True), one per kind (False), or
-    # None: one without a distribution strategy, else one per kind (see the module doc).
-    combined_step: bool | None = None
+    def iteration_function(self):
+        """`run(iterator, take_arch_step: bool) -> logs`: one iteration on the iterator's next
+        batch, as two traced functions, the architecture step and then the weight step.
 
-    def _step_functions(self):
-        """`run(iterator, take_arch_step: bool) -> logs`: one traced iteration on the next batch."""
-        combined = self.combined_step
-        if combined is None:
-            with self.distribute_strategy.scope():
-                combined = not tf.distribute.has_strategy()
-        if combined:
-            both = self.replica_function(self._bilevel_step)
-            self.traced_steps = (both,)
-            decisions = {take: tf.constant(take) for take in (True, False)}  # once, not per step
-            return lambda iterator, take_arch_step: both(iterator, decisions[take_arch_step])
-        with_arch, weights_only = self.traced_steps = tuple(
-            self.replica_function(lambda data, take=take: self._bilevel_step(data, take))
-            for take in (True, False)
-        )
-        return lambda iterator, take_arch_step: (with_arch if take_arch_step else weights_only)(
-            iterator
-        )
+        Every iteration calls the same weight step, so it is traced once, and no
+        `tf.cond` holds an optimizer step (that fails under MirroredStrategy). The
+        first iteration with an architecture step runs its first call while the
+        weight step is traced (`runtime.call_while_tracing`; not under a strategy).
+        """
+        arch = self.replica_function(self._arch_only, on_batch=True)
+        weight = self.replica_function(self._weight_only, on_batch=True)
+        self.traced_steps = (arch, weight)
+        fractions = {take: tf.constant(float(take)) for take in (True, False)}  # not per step
+        with self.distribute_strategy.scope():
+            alone = not tf.distribute.has_strategy()
+
+        def run(iterator, take_arch_step: bool):
+            batch = next(iterator)
+            if take_arch_step and alone:
+                call_while_tracing(arch, (batch,), weight, (batch, fractions[True]))
+            elif take_arch_step:
+                arch(batch)
+            return weight(batch, fractions[take_arch_step])
+
+        return run
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
@@ -265,7 +267,7 @@ class BilevelSearch(NetworkTrainer):
                 "BilevelSearch.build_search(image_shape) must be called after compile() "
                 "and before fit(), so that every variable exists before tracing."
             )
-        run = self._step_functions()
+        run = self.iteration_function()
 
         def train_function(iterator):
             if self._next_iteration is None:

@@ -219,9 +219,10 @@ class NetworkTrainer(keras.Model):
         if not self.built:
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def replica_function(self, step, whole_batch_metrics: bool = False):
+    def replica_function(self, step, whole_batch_metrics: bool = False, on_batch: bool = False):
         """`step(batch, *args) -> logs` as one traced call on the iterator's next batch
-        (`args`: tensors passed on to `step`).
+        (`args`: tensors passed on to `step`), or with `on_batch` on a batch it is given
+        (one that several steps share).
 
         What Keras' own train and test functions do for one step, with public
         APIs: run `step` on every replica, then report the first replica's logs
@@ -236,8 +237,8 @@ class NetworkTrainer(keras.Model):
             step = tf.function(step, jit_compile=True, reduce_retracing=True, autograph=False)
 
         @tf.function(reduce_retracing=True, autograph=False)
-        def one_step(iterator, *args):
-            logs = strategy.run(step, args=(next(iterator), *args))
+        def one_step(source, *args):
+            logs = strategy.run(step, args=(source if on_batch else next(source), *args))
             if whole_batch_metrics:
                 return {name: metrics[name].result() for name in logs}
             return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
