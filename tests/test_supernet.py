@@ -247,3 +247,40 @@ def test_a_shared_edge_function_differentiates_its_output_and_not_its_moving_sta
     assert update.type == "AddV2"
     assert [t.op.type for t in update.inputs] == ["Mul", "Mul"]
     assert [t.op.inputs[0].op.type for t in update.inputs] == ["ConcatV2", "ConcatV2"]
+
+
+def test_weighted_sum_differentiates_as_the_plain_sum_with_a_smaller_graph():
+    """Eq. 1's sum in a training graph: the same values and, bit for bit, the same gradients
+    as the plain sum, without a reshape or shape constants per weight (TensorFlow's graph
+    gradients, as a shared edge function's backward function is built)."""
+    import tensorflow as tf
+
+    from hmnas_keras.space.cell import weighted_sum
+
+    rng = np.random.default_rng(5)
+    weights = tf.constant([0.2, -0.3, 0.5, 0.1, 0.7])
+    tensors = [tf.constant(rng.normal(size=(2, 3, 3, 4)).astype("float32")) for _ in range(3)]
+    positions = [0, 2, 3]  # positions 1 and 4: ops the edge does not compute
+
+    def traced(for_training):
+        @tf.function(autograph=False)
+        def gradients(weights, tensors):
+            output = weighted_sum(weights, tensors, positions, for_training=for_training)
+            return [output, *tf.gradients(tf.reduce_sum(output * output), [weights, *tensors])]
+
+        results = gradients(weights, tensors)
+        graph = gradients.get_concrete_function(weights, tensors).graph
+        return results, [op.type for op in graph.get_operations()]
+
+    (output, *grads), kinds = traced(True)
+    (plain_output, *plain_grads), plain_kinds = traced(False)
+    np.testing.assert_array_equal(output, plain_output)
+    np.testing.assert_allclose(
+        output, sum(float(weights[p]) * t for p, t in zip(positions, tensors)), rtol=1e-6
+    )
+    for got, expected in zip(grads, plain_grads, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert np.asarray(grads[0])[[1, 4]].tolist() == [0.0, 0.0]
+    # A reshape per product and one for 0 + w·y, each with its constants, are gone.
+    assert plain_kinds.count("Reshape") - kinds.count("Reshape") == len(positions) + 1
+    assert len(kinds) < len(plain_kinds) - 15

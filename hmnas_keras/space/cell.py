@@ -124,6 +124,50 @@ class SharedCalls:
         return tf.function(pure, autograph=False)
 
 
+def weighted_sum(weights, tensors, positions, for_training: bool = True):
+    """Σ_k weights[positions[k]] · tensors[k] (Eq. 1); traced `for_training`, with a smaller
+    gradient.
+
+    TensorFlow differentiates each product of a scalar weight by a tensor as a
+    broadcast (a product, a sum, then a reshape back to the scalar's shape, with
+    three constants), and the sum's first term 0 + w·y likewise: about 35 graph
+    nodes per edge and pass more than the values need. The products and sums
+    here carry gradients (`gradient_override_map`) that compute the same values
+    with the same ops — Σ dy·y over every axis for w, w·dy for y, dy through a
+    sum — without the reshapes and shape constants. The values are those of the
+    plain sum, and so are eager gradients (the override is a graph's). Not for
+    inference graphs (exported: their ops would name gradients of this module).
+    """
+    # One unstack instead of a strided slice per op: a slice and its gradient are
+    # 2 graph nodes and 7 constants each, in every edge of every step.
+    weights = tf.unstack(weights)
+    shapes = {tuple(t.shape) for t in tensors}
+    plain = tf.executing_eagerly() or not for_training or len(shapes) > 1 or None in shapes.pop()
+    override = {} if plain else _MIXING_GRADIENTS
+    output = 0.0  # as the plain sum: 0 + -0 is +0, which max pooling tells from -0
+    with tf.compat.v1.get_default_graph().gradient_override_map(override):
+        for position, tensor in zip(positions, tensors, strict=True):
+            output = output + weights[position] * tensor
+    return output
+
+
+_MIXING_GRADIENTS = {"Mul": "HmnasMixingProduct", "AddV2": "HmnasMixingSum"}
+
+
+@tf.RegisterGradient("HmnasMixingProduct")
+def _mixing_product_gradient(op, grad):
+    """w · y (w a scalar): TensorFlow's Mul gradient, without the reshape of w's."""
+    weight, tensor = op.inputs
+    axes = graph_constant(list(range(grad.shape.rank)), "int32")
+    return tf.reduce_sum(grad * tensor, axes), weight * grad
+
+
+@tf.RegisterGradient("HmnasMixingSum")
+def _mixing_sum_gradient(op, grad):
+    """a + b of one shape, or 0 + b: the gradient passes through (none for the constant)."""
+    return [None if t.op.type == "Const" else grad for t in op.inputs]
+
+
 def _edge_kind(mixed_op) -> tuple:
     """What edges that can share a traced function have in common (see `SharedCalls`)."""
     return (
@@ -206,17 +250,14 @@ class MixedOp(BuiltOnCall, keras.layers.Layer):
         return self.mixed(x, op_weights, shared_outputs, training)
 
     def mixed(self, x, op_weights, shared_outputs=None, training=None):
-        # One unstack instead of a strided slice per op: a slice and its gradient are
-        # 2 graph nodes and 7 constants each, in every edge of every step.
-        op_weights = tf.unstack(op_weights)
-        output = 0.0
-        for name in self.active:
-            if name in self.candidates:
-                op_output = self.candidates[name](x, training=training)
-            else:
-                op_output = shared_outputs[name]
-            output = output + op_weights[self.op_names.index(name)] * op_output
-        return output
+        op_outputs = [
+            self.candidates[name](x, training=training)
+            if name in self.candidates
+            else shared_outputs[name]
+            for name in self.active
+        ]
+        positions = [self.op_names.index(name) for name in self.active]
+        return weighted_sum(op_weights, op_outputs, positions, for_training=bool(training))
 
     def _sublayers_built(self) -> bool:
         return all(layer.built for layer in self._flatten_layers(include_self=False))
