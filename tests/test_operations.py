@@ -311,3 +311,86 @@ def test_deferred_moving_statistics_update_exactly_as_each_layer_would():
     layer = deferred[0]
     layer(x, training=True)
     assert not np.array_equal(layer.moving_mean.numpy(), after[0])
+
+
+def _graph_gradients(function, *inputs):
+    """(value, gradients of Σ value², op types of the traced graph) by TensorFlow's graph
+    gradients (tf.gradients: how a shared edge function's backward is built)."""
+    import tensorflow as tf
+
+    @tf.function(autograph=False)
+    def traced(*inputs):
+        value = function(*inputs)
+        return [value, *tf.gradients(tf.reduce_sum(value * value), list(inputs))]
+
+    value, *gradients = traced(*inputs)
+    graph = traced.get_concrete_function(*inputs).graph
+    return value, gradients, [op.type for op in graph.get_operations()]
+
+
+@pytest.mark.parametrize("layer_kind", ["pointwise_stride_2", "depthwise", "dilated"])
+def test_static_shape_gradients_are_tensorflows_with_fewer_nodes(layer_kind, monkeypatch):
+    """The layers' reshapes, slices and depthwise convolutions differentiate in a traced graph
+    to TensorFlow's own gradients bit for bit, with their shapes as shared constants; the
+    dilated depthwise convolution is tf.nn's, bit for bit, forward and backward."""
+    import tensorflow as tf
+
+    from hmnas_keras.space import maskable
+
+    rng = np.random.default_rng(13)
+    x = tf.constant(rng.normal(size=(2, 8, 8, 4)).astype("float32"))
+    if layer_kind == "pointwise_stride_2":
+        layer = maskable.PointwiseConv(6, strides=2)
+    else:
+        rate = 2 if layer_kind == "dilated" else 1
+        layer = maskable.MaskableDepthwiseConv2D(
+            3, padding="same", dilation_rate=rate, use_bias=False
+        )
+    layer.build(x.shape)
+    kernel = tf.constant(rng.normal(size=layer.kernel.shape).astype("float32"))
+    layer.kernel.assign(kernel)
+
+    def call(x, kernel):
+        layer._kernel_mask = lambda: kernel / layer.kernel  # the kernel as an input
+        return layer(x) + layer(-x)  # two calls: shapes a graph's calls share
+
+    value, gradients, kinds = _graph_gradients(call, x, kernel)
+    monkeypatch.setattr(maskable, "_STATIC_SHAPE_GRADIENTS", {})
+    if layer_kind == "dilated":  # tf.nn's own dilated convolution
+        monkeypatch.setattr(maskable, "_dilated_depthwise", None)
+
+        def call(x, kernel):  # noqa: F811
+            kernel = kernel * (layer.kernel / layer.kernel)
+            return sum(
+                tf.nn.depthwise_conv2d(inputs, kernel, [1, 1, 1, 1], "SAME", dilations=[2, 2])
+                for inputs in (x, -x)
+            )
+
+    expected, expected_gradients, plain_kinds = _graph_gradients(call, x, kernel)
+    np.testing.assert_array_equal(value, expected)
+    for got, want in zip(gradients, expected_gradients, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert kinds.count("Const") < plain_kinds.count("Const")
+    layer._kernel_mask = None
+
+
+def test_fused_batch_norm_graph_gradient_skips_the_zeros_of_its_unused_outputs(monkeypatch):
+    import tensorflow as tf
+
+    from hmnas_keras.space import operations
+
+    x = tf.constant(np.random.default_rng(14).normal(size=(4, 5, 5, 3)).astype("float32"))
+    layer = operations.FusedBatchNorm(momentum=0.9, epsilon=1e-5, center=False, scale=False)
+    layer.build(x.shape)
+
+    def normalised(x):
+        return layer(x, training=True)
+
+    value, (gradient,), kinds = _graph_gradients(normalised, x)
+    monkeypatch.setattr(operations, "_gradient_to_inputs_only", lambda outputs, inputs: outputs)
+    expected, (expected_gradient,), plain_kinds = _graph_gradients(normalised, x)
+    np.testing.assert_array_equal(value, expected)
+    np.testing.assert_array_equal(gradient, expected_gradient)
+    assert kinds.count("FusedBatchNormGradV3") == plain_kinds.count("FusedBatchNormGradV3") == 1
+    # Five zero tensors (batch statistics, reserve spaces) against one (the IdentityN's).
+    assert (plain_kinds.count("ZerosLike"), kinds.count("ZerosLike")) == (5, 1)

@@ -26,6 +26,7 @@ used once per output position, which is how `hmnas_keras.architecture.counting`
 counts multiply-accumulates.
 """
 
+import contextlib
 import weakref
 from collections.abc import Callable
 
@@ -119,25 +120,59 @@ class MaskableDepthwiseConv2D(MaskableKernel, keras.layers.DepthwiseConv2D):
     def call(self, inputs):
         if self.use_bias:
             raise ValueError("MaskableDepthwiseConv2D supports use_bias=False only.")
-        if tuple(self.dilation_rate) == (1, 1) and self.data_format == "channels_last":
-            # The op itself: Keras (through tf.nn) adds a constant for the dilation rate.
-            outputs = tf.raw_ops.DepthwiseConv2dNative(
-                input=inputs,
-                filter=self.masked_kernel(),
-                strides=[1, *self.strides, 1],
-                padding=self.padding.upper(),
-                data_format="NHWC",
-            )
-        else:
-            outputs = ops.depthwise_conv(
-                inputs,
-                self.masked_kernel(),
-                strides=self.strides,
-                padding=self.padding,
-                dilation_rate=self.dilation_rate,
-                data_format=self.data_format,
-            )
+        kernel = self.masked_kernel()
+        native = self.data_format == "channels_last"
+        dilated = tuple(self.dilation_rate) != (1, 1)
+        with static_shape_gradients():
+            if native and not dilated:
+                # The op itself: Keras (through tf.nn) adds a constant for the dilation rate.
+                outputs = tf.raw_ops.DepthwiseConv2dNative(
+                    input=inputs,
+                    filter=kernel,
+                    strides=[1, *self.strides, 1],
+                    padding=self.padding.upper(),
+                    data_format="NHWC",
+                )
+            elif native and None not in inputs.shape[1:3] and tuple(self.strides) == (1, 1):
+                outputs = _dilated_depthwise(inputs, kernel, self.dilation_rate, self.padding)
+            else:
+                outputs = ops.depthwise_conv(
+                    inputs,
+                    kernel,
+                    strides=self.strides,
+                    padding=self.padding,
+                    dilation_rate=self.dilation_rate,
+                    data_format=self.data_format,
+                )
         return self._record_positions(outputs)
+
+
+def _dilated_depthwise(inputs, kernel, rate, padding: str):
+    """A dilated depthwise convolution (stride 1, NHWC, known height and width) as
+    `tf.nn.depthwise_conv2d` computes it — space-to-batch, the convolution, batch-to-space,
+    with the same paddings and crops — its shapes as shared constants: tf.nn builds ten
+    constants per call, most of them never read."""
+    rate = np.asarray(rate)
+    if padding.lower() == "same":  # tf.nn's base paddings: the dilated filter's extent
+        extra = (np.asarray(kernel.shape[:2]) - 1) * rate
+        start, end = extra // 2, extra - extra // 2
+    else:
+        start = end = np.zeros(2, dtype=int)
+    full = np.asarray(inputs.shape[1:3]) + start + end
+    end_extra = (rate - full % rate) % rate  # to a multiple of the rate
+    block = graph_constant(rate, "int32")
+    batched = tf.raw_ops.SpaceToBatchND(
+        input=inputs,
+        block_shape=block,
+        paddings=graph_constant(np.stack([start, end + end_extra], axis=1), "int32"),
+    )
+    outputs = tf.raw_ops.DepthwiseConv2dNative(
+        input=batched, filter=kernel, strides=[1, 1, 1, 1], padding="VALID", data_format="NHWC"
+    )
+    crops = np.stack([np.zeros(2, dtype=int), end_extra], axis=1)
+    return tf.raw_ops.BatchToSpaceND(
+        input=outputs, block_shape=block, crops=graph_constant(crops, "int32")
+    )
 
 
 class MaskableDense(MaskableKernel, keras.layers.Dense):
@@ -182,6 +217,77 @@ def graph_constant(value, dtype):
     return constant
 
 
+# The gradients of the layers' reshapes, slices and depthwise convolutions, with the
+# static shapes they need as the graph's shared constants (`graph_constant`).
+_STATIC_SHAPE_GRADIENTS = {
+    "Reshape": "HmnasStaticShapeReshape",
+    "Slice": "HmnasStaticShapeSlice",
+    "DepthwiseConv2dNative": "HmnasStaticShapeDepthwise",
+}
+
+
+def static_shape_gradients():
+    """Within it, the reshapes, slices and depthwise convolutions a traced graph gets carry
+    gradients that read static shapes from shared constants.
+
+    TensorFlow's own put a constant per shape into the gradient graph (two per
+    depthwise convolution and one per reshape), and a slice's gradient
+    computes its padding with ten ops: about 40 graph nodes per supernet edge
+    and pass. The ops and the values are TensorFlow's (a reshape, a pad, the
+    depthwise backprops with the same attributes). It changes only graph
+    gradients (a shared edge function's backward); eagerly, a no-op.
+    """
+    if tf.executing_eagerly():
+        return contextlib.nullcontext()
+    return tf.compat.v1.get_default_graph().gradient_override_map(_STATIC_SHAPE_GRADIENTS)
+
+
+def _shape_of(tensor):
+    """`tensor`'s static shape as a shared constant, else its dynamic shape."""
+    if tensor.shape.is_fully_defined():
+        return graph_constant(tensor.shape.as_list(), "int32")
+    return tf.shape(tensor)
+
+
+@tf.RegisterGradient("HmnasStaticShapeReshape")
+def _reshape_gradient(op, grad):
+    return tf.reshape(tf.convert_to_tensor(grad), _shape_of(op.inputs[0])), None
+
+
+@tf.RegisterGradient("HmnasStaticShapeSlice")
+def _slice_gradient(op, grad):
+    source, begin = op.inputs[0], tf.get_static_value(op.inputs[1])
+    if not source.shape.is_fully_defined() or begin is None:
+        return _dynamic_slice_gradient(op, grad)
+    after = np.asarray(source.shape.as_list()) - np.asarray(op.outputs[0].shape.as_list()) - begin
+    paddings = graph_constant(np.stack([begin, after], axis=1), op.inputs[1].dtype)
+    return tf.pad(grad, paddings), None, None
+
+
+def _dynamic_slice_gradient(op, grad):
+    source, begin = op.inputs
+    size = tf.shape(op.outputs[0], out_type=begin.dtype)
+    after = tf.shape(source, out_type=begin.dtype) - size - begin
+    return tf.pad(grad, tf.stack([begin, after], axis=1)), None, None
+
+
+@tf.RegisterGradient("HmnasStaticShapeDepthwise")
+def _depthwise_gradient(op, grad):
+    attributes = {
+        name: op.get_attr(name)
+        for name in ("dilations", "strides", "padding", "explicit_paddings", "data_format")
+    }
+    source, kernel = op.inputs
+    return [
+        tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+            input_sizes=_shape_of(source), filter=kernel, out_backprop=grad, **attributes
+        ),
+        tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+            input=source, filter_sizes=_shape_of(kernel), out_backprop=grad, **attributes
+        ),
+    ]
+
+
 def has_even_size(x) -> bool:
     """Whether `x` (NHWC) has a known, even height and width."""
     return all(size is not None and size % 2 == 0 for size in x.shape[1:3])
@@ -198,13 +304,14 @@ def subsample(x, offset: int = 0):
     height, width, channels = x.shape[1:]
     if not has_even_size(x) or channels is None:
         return x[:, offset::2, offset::2, :]
-    pairs = tf.reshape(x, graph_constant([-1, height // 2, 2, width // 2, 2 * channels], "int32"))
-    picked = tf.slice(
-        pairs,
-        graph_constant([0, 0, offset, 0, offset * channels], "int32"),
-        graph_constant([-1, height // 2, 1, width // 2, channels], "int32"),
-    )
-    return tf.reshape(picked, graph_constant([-1, height // 2, width // 2, channels], "int32"))
+    with static_shape_gradients():
+        shape = graph_constant([-1, height // 2, 2, width // 2, 2 * channels], "int32")
+        picked = tf.slice(
+            tf.reshape(x, shape),
+            graph_constant([0, 0, offset, 0, offset * channels], "int32"),
+            graph_constant([-1, height // 2, 1, width // 2, channels], "int32"),
+        )
+        return tf.reshape(picked, graph_constant([-1, height // 2, width // 2, channels], "int32"))
 
 
 class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
@@ -226,14 +333,17 @@ class PointwiseConv(MaskableKernel, keras.layers.Conv2D):
         if self.strides[0] > 1:
             inputs = subsample(inputs, offset)
         kernel_shape = graph_constant([inputs.shape[-1], self.filters], "int32")
-        kernel = tf.reshape(self.masked_kernel(), kernel_shape)
-        rows = tf.reshape(inputs, graph_constant([-1, inputs.shape[-1]], "int32"))
-        outputs = tf.matmul(rows, kernel)
-        if None in inputs.shape[1:]:
-            shape = tf.concat([tf.shape(inputs)[:-1], [self.filters]], axis=0)
-        else:  # a static shape: no shape arithmetic in the graph
-            shape = graph_constant([-1, *inputs.shape[1:-1], self.filters], "int32")
-        return self._record_positions(tf.reshape(outputs, shape))
+        masked_kernel = self.masked_kernel()
+        with static_shape_gradients():
+            kernel = tf.reshape(masked_kernel, kernel_shape)
+            rows = tf.reshape(inputs, graph_constant([-1, inputs.shape[-1]], "int32"))
+            outputs = tf.matmul(rows, kernel)
+            if None in inputs.shape[1:]:
+                shape = tf.concat([tf.shape(inputs)[:-1], [self.filters]], axis=0)
+            else:  # a static shape: no shape arithmetic in the graph
+                shape = graph_constant([-1, *inputs.shape[1:-1], self.filters], "int32")
+            outputs = tf.reshape(outputs, shape)
+        return self._record_positions(outputs)
 
     def get_config(self):
         config = super().get_config()

@@ -107,6 +107,8 @@ class FusedBatchNorm(MaskableBatchNormalization):
             epsilon=self.epsilon,
             is_training=True,
         )
+        if not (self.scale or self.center or tf.executing_eagerly()):
+            outputs = _gradient_to_inputs_only(outputs, inputs)
         # The fused kernel returns the unbiased variance; Keras tracks the biased one.
         if None in inputs.shape[:-1]:
             count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), dtype)
@@ -125,6 +127,41 @@ class FusedBatchNorm(MaskableBatchNormalization):
         self.moving_mean.assign(self.moving_mean * momentum + mean * rest)
         self.moving_variance.assign(self.moving_variance * momentum + variance * rest)
         return self.mask_output(outputs)
+
+
+def _gradient_to_inputs_only(outputs, inputs):
+    """`outputs` of a fused batch norm of `inputs` without scale and offset, whose graph
+    gradient is the fused kernel's for `inputs` alone.
+
+    Differentiating the fused batch norm itself, TensorFlow puts a zero tensor
+    into the gradient graph for each of its five other outputs (batch
+    statistics and reserve spaces) before its gradient ignores them: 30 graph
+    nodes per supernet edge and pass. Here an IdentityN of (outputs, inputs)
+    carries the gradient (the fused kernel's gradient op, as TensorFlow calls
+    it), so the batch norm itself is never differentiated and one zero tensor
+    is made (for the IdentityN's unused second output). Eager tapes use
+    IdentityN's own gradient: the batch norm's, the same values.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    with graph.gradient_override_map({"IdentityN": "HmnasFusedBatchNormInputs"}):
+        return tf.raw_ops.IdentityN(input=[outputs, inputs])[0]
+
+
+@tf.RegisterGradient("HmnasFusedBatchNormInputs")
+def _fused_batch_norm_inputs_gradient(op, grad, _):
+    norm = op.inputs[0].op  # FusedBatchNormV3, in training: what TensorFlow's gradient reads
+    backprop = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=grad,
+        x=norm.inputs[0],
+        scale=norm.inputs[1],
+        reserve_space_1=norm.outputs[3],
+        reserve_space_2=norm.outputs[4],
+        reserve_space_3=norm.outputs[5],
+        epsilon=norm.get_attr("epsilon"),
+        data_format=norm.get_attr("data_format"),
+        is_training=norm.get_attr("is_training"),
+    )
+    return None, backprop[0]
 
 
 class BuiltOnCall:
