@@ -265,7 +265,7 @@ def _slice_gradient(op, grad):
 
 
 def _dynamic_slice_gradient(op, grad):
-    source, begin = op.inputs
+    source, begin = op.inputs[0], op.inputs[1]
     size = tf.shape(op.outputs[0], out_type=begin.dtype)
     after = tf.shape(source, out_type=begin.dtype) - size - begin
     return tf.pad(grad, tf.stack([begin, after], axis=1)), None, None
