@@ -97,11 +97,11 @@ def call_while_tracing(function, args: tuple, then, then_args: tuple) -> None:
     the GIL). When `then` runs right after `function` and is not traced yet, this
     thread traces `function`, starts its first run in a second thread and traces
     `then` while it runs: on 2 cores the bilevel search's first iteration with an
-    architecture step took 13.9 instead of 15.6 s (C=16, 5 cells). `function`
-    has finished when this returns, and its error, if any, is raised here. With
-    `then` already traced, or called while tracing, it is a plain call. Not for
-    functions that run under a distribution strategy (their first run in another
-    thread is untested).
+    architecture step took 14.5 instead of 15.2 s (C=16, 5 cells; docs/BENCHMARKS.md).
+    `function` has finished when this returns, and its error, if any, is raised
+    here. With `then` already traced, or called while tracing, it is a plain call.
+    Not for functions that run under a distribution strategy (their first run in
+    another thread is untested).
     """
     import tensorflow as tf
 
