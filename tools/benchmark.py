@@ -33,6 +33,7 @@ iterations run right after ours, each in its own process (a DARTS line has
         --darts_dir=/tmp/darts/cnn --darts_python=/tmp/torch-env/bin/python
 """
 
+import dataclasses
 import json
 import os
 import resource
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from absl import app, flags
 
@@ -148,9 +150,33 @@ def _data(config):
     return make_search_data(config.data, 0, arrays)
 
 
-def _step_and_batch(kind: str):
-    """(the step as a function of one batch, the batch, network weights) of `kind`."""
-    import dataclasses
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """A kind's step, ready to time: `call()` runs one step and returns its logs; `trace()`
+    traces it alone (None: its first call traces while it runs); `concrete_functions()`
+    lists its traced functions; `weights`: the network weights it trains."""
+
+    call: Callable[[], dict]
+    trace: Callable[[], object] | None
+    concrete_functions: Callable[[], list]
+    weights: list
+
+
+def _one_function(step, batch, weights) -> _Step:
+    """`step(batch)` as one `tf.function`, as the phases' steps run."""
+    import tensorflow as tf
+
+    function = tf.function(step, reduce_retracing=True, autograph=False)
+    return _Step(
+        call=lambda: function(batch),
+        trace=lambda: function.get_concrete_function(batch),
+        concrete_functions=lambda: [function.get_concrete_function(batch)],
+        weights=weights,
+    )
+
+
+def _step(kind: str) -> _Step:
+    """The step of `kind`, built by its phase's code on synthetic data."""
     import shutil
 
     config = _config()
@@ -181,16 +207,24 @@ def _step_and_batch(kind: str):
                 if function.experimental_get_tracing_count()
             ]
 
-        step = lambda batch: run(iterator, take_arch_step)  # noqa: E731
-        step.concrete_functions = concrete_functions
-        if not take_arch_step:  # one traced function: its tracing can be timed apart
-            step.trace = lambda: weight.get_concrete_function(*arguments[weight])
-        return step, batch, search.supernet.weight_variables
+        return _Step(
+            # The search's own iteration: the architecture step and the weight step.
+            call=lambda: run(iterator, take_arch_step),
+            # One traced function can be traced apart; with the architecture step the
+            # weight step is traced while the architecture step's first call runs.
+            trace=None
+            if take_arch_step
+            else lambda: weight.get_concrete_function(*arguments[weight]),
+            concrete_functions=concrete_functions,
+            weights=search.supernet.weight_variables,
+        )
     if kind == "mask":
         from hmnas_keras.pipeline.mask_phase import build_masked_search
 
         masked = build_masked_search(dataclasses.replace(config, phases=("mask",)), data, None)
-        return masked.train_step, batch_of(data.train_dataset(1)), masked.supernet.weight_variables
+        return _one_function(
+            masked.train_step, batch_of(data.train_dataset(1)), masked.supernet.weight_variables
+        )
     if kind == "finetune":
         from hmnas_keras.pipeline.derive_phase import build_supernet, derive_architecture
         from hmnas_keras.pipeline.finetune_phase import build_finetune
@@ -203,7 +237,7 @@ def _step_and_batch(kind: str):
         )
         finetune = build_finetune(random, data, workdir, architecture)
         shutil.rmtree(workdir.root)
-        return (
+        return _one_function(
             finetune.train_step,
             batch_of(data.train_dataset(1)),
             finetune.network.trainable_variables,
@@ -214,7 +248,9 @@ def _step_and_batch(kind: str):
     supernet = build_supernet(config, data)
     evaluator = NetworkTrainer(supernet, name="evaluate")
     evaluator.compile(jit_compile=False)
-    return evaluator.test_step, batch_of(data.test_dataset()), supernet.weight_variables
+    return _one_function(
+        evaluator.test_step, batch_of(data.test_dataset()), supernet.weight_variables
+    )
 
 
 def measure(kind: str) -> dict:
@@ -225,25 +261,18 @@ def measure(kind: str) -> dict:
     from hmnas_keras.runtime import configure_tensorflow, graph_nodes
 
     configure_tensorflow(FLAGS.threads, graph_optimization=FLAGS.graph_optimization)
-    step, batch, weights = _step_and_batch(kind)
-    if hasattr(step, "concrete_functions"):  # a bilevel iteration: its traced functions inside
-        function, trace, concrete_functions = step, getattr(step, "trace", None), None
-    else:
-        function = tf.function(step, reduce_retracing=True, autograph=False)
-        trace = lambda: function.get_concrete_function(batch)  # noqa: E731
-        concrete_functions = lambda: [function.get_concrete_function(batch)]  # noqa: E731
-    concrete_functions = concrete_functions or step.concrete_functions
+    step = _step(kind)
 
     def run() -> float:
         started = time.perf_counter()
-        logs = function(batch)
+        logs = step.call()
         float(logs["loss"])  # waits for the step to finish
         return time.perf_counter() - started
 
     tracing = None
-    if trace is not None:
+    if step.trace is not None:
         started = time.perf_counter()
-        trace()
+        step.trace()
         tracing = time.perf_counter() - started
     first = run()
     times = [run() for _ in range(FLAGS.steps)]
@@ -259,11 +288,11 @@ def measure(kind: str) -> dict:
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(FLAGS.batch_size / median, 1),
         "peak_rss_mib": round(peak_rss, 1),
-        "graph_nodes": sum(graph_nodes(f.graph.as_graph_def()) for f in concrete_functions()),
+        "graph_nodes": sum(graph_nodes(f.graph.as_graph_def()) for f in step.concrete_functions()),
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),
-        "weights": sum(int(np.prod(v.shape)) for v in weights),
+        "weights": sum(int(np.prod(v.shape)) for v in step.weights),
     }
 
 

@@ -20,6 +20,7 @@ from hmnas_keras.space.maskable import (
     MaskableBatchNormalization,
     MaskableKernel,
     graph_constant,
+    graph_gradients,
 )
 from hmnas_keras.space.operations import (
     BuiltOnCall,
@@ -132,7 +133,7 @@ def weighted_sum(weights, tensors, positions, for_training: bool = True):
     broadcast (a product, a sum, then a reshape back to the scalar's shape, with
     three constants), and the sum's first term 0 + w·y likewise: about 35 graph
     nodes per edge and pass more than the values need. The products and sums
-    here carry gradients (`gradient_override_map`) that compute the same values
+    here carry gradients (`maskable.graph_gradients`) that compute the same values
     with the same ops — Σ dy·y over every axis for w, w·dy for y, dy through a
     sum — without the reshapes and shape constants. The values are those of the
     plain sum, and so are eager gradients (the override is a graph's). Not for
@@ -142,10 +143,9 @@ def weighted_sum(weights, tensors, positions, for_training: bool = True):
     # 2 graph nodes and 7 constants each, in every edge of every step.
     weights = tf.unstack(weights)
     shapes = {tuple(t.shape) for t in tensors}
-    plain = tf.executing_eagerly() or not for_training or len(shapes) > 1 or None in shapes.pop()
-    override = {} if plain else _MIXING_GRADIENTS
+    plain = not for_training or len(shapes) > 1 or None in shapes.pop()
     output = 0.0  # as the plain sum: 0 + -0 is +0, which max pooling tells from -0
-    with tf.compat.v1.get_default_graph().gradient_override_map(override):
+    with graph_gradients({} if plain else _MIXING_GRADIENTS):
         for position, tensor in zip(positions, tensors, strict=True):
             output = output + weights[position] * tensor
     return output

@@ -237,9 +237,20 @@ def static_shape_gradients():
     depthwise backprops with the same attributes). It changes only graph
     gradients (a shared edge function's backward); eagerly, a no-op.
     """
-    if tf.executing_eagerly():
+    return graph_gradients(_STATIC_SHAPE_GRADIENTS)
+
+
+def graph_gradients(gradients: dict):
+    """A context in which the ops a traced graph gets of the types in `gradients` (op type →
+    a name registered with `tf.RegisterGradient`) carry that gradient instead of their own.
+
+    Only graph gradients see it (`tf.gradients`, the backward function of a
+    `tf.function`); eager tapes use the ops' own. Eagerly, or with nothing to
+    replace, a no-op (the global graph's override map is not touched).
+    """
+    if tf.executing_eagerly() or not gradients:
         return contextlib.nullcontext()
-    return tf.compat.v1.get_default_graph().gradient_override_map(_STATIC_SHAPE_GRADIENTS)
+    return tf.compat.v1.get_default_graph().gradient_override_map(gradients)
 
 
 def _shape_of(tensor):

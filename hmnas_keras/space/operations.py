@@ -22,6 +22,7 @@ from hmnas_keras.space.maskable import (
     MaskableDepthwiseConv2D,
     PointwiseConv,
     graph_constant,
+    graph_gradients,
     has_even_size,
     subsample,
 )
@@ -142,8 +143,7 @@ def _gradient_to_inputs_only(outputs, inputs):
     is made (for the IdentityN's unused second output). Eager tapes use
     IdentityN's own gradient: the batch norm's, the same values.
     """
-    graph = tf.compat.v1.get_default_graph()
-    with graph.gradient_override_map({"IdentityN": "HmnasFusedBatchNormInputs"}):
+    with graph_gradients({"IdentityN": "HmnasFusedBatchNormInputs"}):
         return tf.raw_ops.IdentityN(input=[outputs, inputs])[0]
 
 
