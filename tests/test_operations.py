@@ -386,6 +386,8 @@ def test_static_shape_gradients_are_tensorflows_with_fewer_nodes(
 
 
 def test_fused_batch_norm_graph_gradient_skips_the_zeros_of_its_unused_outputs(monkeypatch):
+    """In a shared edge function (where moving statistics are deferred), differentiated by
+    graph gradients."""
     import tensorflow as tf
 
     from hmnas_keras.space import operations
@@ -395,7 +397,8 @@ def test_fused_batch_norm_graph_gradient_skips_the_zeros_of_its_unused_outputs(m
     layer.build(x.shape)
 
     def normalised(x):
-        return layer(x, training=True)
+        with operations.deferred_moving_statistics():
+            return layer(x, training=True)
 
     value, (gradient,), kinds = _graph_gradients(normalised, x)
     monkeypatch.setattr(operations, "_gradient_to_inputs_only", lambda outputs, inputs: outputs)
@@ -405,3 +408,42 @@ def test_fused_batch_norm_graph_gradient_skips_the_zeros_of_its_unused_outputs(m
     assert kinds.count("FusedBatchNormGradV3") == plain_kinds.count("FusedBatchNormGradV3") == 1
     # Five zero tensors (batch statistics, reserve spaces) against one (the IdentityN's).
     assert (plain_kinds.count("ZerosLike"), kinds.count("ZerosLike")) == (5, 1)
+
+
+def test_fused_batch_norm_under_a_tape_makes_no_zeros_of_the_activations_size():
+    """Outside a shared edge function the step's GradientTape differentiates the batch norm:
+    TensorFlow's own gradient, with zeros only for its vector outputs (the IdentityN's
+    gradient there would add a zero tensor of the activations' size)."""
+    import tensorflow as tf
+
+    from hmnas_keras.space import operations
+
+    x = tf.constant(np.random.default_rng(15).normal(size=(4, 5, 5, 3)).astype("float32"))
+    layer = operations.FusedBatchNorm(momentum=0.9, epsilon=1e-5, center=False, scale=False)
+    layer.build(x.shape)
+
+    @tf.function(autograph=False)
+    def traced(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = layer(x, training=True)
+            loss = tf.reduce_sum(value * value)
+        return value, tape.gradient(loss, x)
+
+    value, gradient = traced(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        expected = tf.compat.v1.nn.fused_batch_norm(
+            x, tf.ones([3]), tf.zeros([3]), epsilon=1e-5, is_training=True
+        )[0]
+        expected_loss = tf.reduce_sum(expected * expected)
+    np.testing.assert_array_equal(value, expected)
+    np.testing.assert_array_equal(gradient, tape.gradient(expected_loss, x))
+    graph = traced.get_concrete_function(x).graph
+    zeros = [
+        op.outputs[0].shape
+        for op in graph.get_operations()
+        if op.type in ("Fill", "ZerosLike", "Zeros")
+    ]
+    assert "IdentityN" not in [op.type for op in graph.get_operations()]
+    assert all(shape.rank != 4 for shape in zeros), zeros
