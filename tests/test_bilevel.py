@@ -175,6 +175,17 @@ def test_an_iteration_is_two_traced_steps_that_compute_what_one_function_would()
         values(search.state_variables), values(reference.state_variables), strict=True
     ):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    # The steps' ops keep only this package's frames (`runtime.own_frames_only`), a few.
+    weight_step = search.traced_steps[1]
+    graph = weight_step.get_concrete_function(
+        (batches(4, 0), batches(4, 1)), tf.constant(1.0)
+    ).graph
+    # (Not the arguments, the outputs' identities and the final no-op, made around the step.)
+    made = [
+        op for op in graph.get_operations() if op.type not in ("Placeholder", "Identity", "NoOp")
+    ]
+    frames = [len(op.traceback) for op in made]
+    assert max(frames) < 25 and sum(frames) / len(frames) < 20
 
 
 def test_after_warm_up_the_architecture_step_is_traced_alone():

@@ -126,3 +126,51 @@ def test_call_while_tracing_raises_the_first_calls_error_after_tracing():
     with pytest.raises(tf.errors.InvalidArgumentError, match="x must be positive"):
         call_while_tracing(failing, (tf.constant(-1.0),), second, (tf.constant(1.0),))
     assert second.experimental_get_tracing_count() == 1
+
+
+def _library_frames(traceback):
+    import sysconfig
+
+    roots = tuple(sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib"))
+    return [frame.filename for frame in traceback if frame.filename.startswith(roots)]
+
+
+def test_own_frames_only_records_no_library_frames_for_the_ops_traced():
+    """Ops traced inside `own_frames_only` keep, as where they were made, the frames of this
+    package and of the caller's code (this test file), not TensorFlow's or Keras'."""
+    import keras
+
+    from hmnas_keras.runtime import own_frames_only
+    from hmnas_keras.space.maskable import graph_constant
+
+    layer = keras.layers.Dense(3)
+    layer.build((2, 4))
+
+    def step(x):
+        return layer(x) * graph_constant(2.0, "float32")  # a Keras call, and this package
+
+    def traced(filtered):
+        def body(x):
+            if not filtered:
+                return step(x)
+            with own_frames_only():
+                return step(x)
+
+        function = tf.function(body, autograph=False)
+        return function.get_concrete_function(tf.TensorSpec((2, 4))).graph.get_operations()
+
+    plain, own = traced(False), traced(True)
+    # The ops `step` made (not the arguments, captures and outputs' identities around it).
+    made = {op.name for op in plain if "step" in [frame.name for frame in op.traceback]}
+    own = [op for op in own if op.name in made]
+    assert len(own) == len(made) > 5
+    assert all(_library_frames(op.traceback) for op in plain)  # ~40 frames of libraries
+    for op in own:
+        frames = [frame.filename for frame in op.traceback]
+        # At most a few of TensorFlow's ops.py, which it needs to find the caller's frames.
+        library = _library_frames(op.traceback)
+        assert len(library) <= 3 and {f.split("/")[-1] for f in library} <= {"ops.py"}, frames
+        assert __file__ in frames
+    # The constant keeps the frame of this package that made it.
+    assert any("maskable.py" in [f.filename.split("/")[-1] for f in op.traceback] for op in own)
+    assert max(len(op.traceback) for op in own) < min(len(op.traceback) for op in plain)

@@ -163,10 +163,9 @@ class _Step:
 
 
 def _one_function(step, batch, weights) -> _Step:
-    """`step(batch)` as one `tf.function`, as the phases' steps run."""
-    import tensorflow as tf
-
-    function = tf.function(step, reduce_retracing=True, autograph=False)
+    """`step(batch)` (a `NetworkTrainer`'s step) as one traced function, as the phases run it
+    (`replica_function`)."""
+    function = step.__self__.replica_function(step, on_batch=True)
     return _Step(
         call=lambda: function(batch),
         trace=lambda: function.get_concrete_function(batch),

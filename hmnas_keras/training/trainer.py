@@ -11,6 +11,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from hmnas_keras.runtime import own_frames_only
+
 
 def cross_entropy(labels, logits):
     """Mean sparse categorical cross-entropy from logits."""
@@ -230,18 +232,29 @@ class NetworkTrainer(keras.Model):
         MultiWorkerMirroredStrategy). The metrics' variables are per replica:
         `whole_batch_metrics` reports instead each metric of the logs over every
         replica, as `evaluate()` must (fit() reads them so at each epoch's end).
+        Its ops record only this package's frames as where they were made
+        (`runtime.own_frames_only`: TensorFlow keeps them while the function lives).
         """
         strategy = self.distribute_strategy
         metrics = {m.name: m for m in self.metrics}
+
+        def replica_step(*args):  # a strategy may run replicas in threads of their own
+            with own_frames_only():
+                return step(*args)
+
         if self.jit_compile:  # XLA compiles the step, not the iterator around it
-            step = tf.function(step, jit_compile=True, reduce_retracing=True, autograph=False)
+            replica_step = tf.function(
+                replica_step, jit_compile=True, reduce_retracing=True, autograph=False
+            )
 
         @tf.function(reduce_retracing=True, autograph=False)
         def one_step(source, *args):
-            logs = strategy.run(step, args=(source if on_batch else next(source), *args))
-            if whole_batch_metrics:
-                return {name: metrics[name].result() for name in logs}
-            return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
+            with own_frames_only():
+                batch = source if on_batch else next(source)
+                logs = strategy.run(replica_step, args=(batch, *args))
+                if whole_batch_metrics:
+                    return {name: metrics[name].result() for name in logs}
+                return {name: strategy.experimental_local_results(v)[0] for name, v in logs.items()}
 
         return one_step
 
