@@ -284,3 +284,45 @@ def test_weighted_sum_differentiates_as_the_plain_sum_with_a_smaller_graph():
     # A reshape per product and one for 0 + w·y, each with its constants, are gone.
     assert plain_kinds.count("Reshape") - kinds.count("Reshape") == len(positions) + 1
     assert len(kinds) < len(plain_kinds) - 15
+
+
+def test_weighted_batch_norm_outputs_differentiate_without_keeping_the_outputs(monkeypatch):
+    """A term w · BN(x) of Eq. 1 in a shared edge function (an affine-free fused batch norm,
+    moving statistics deferred) differentiates, for w and x, to the plain sum's gradients,
+    from the batch norm's gradient kernel: its output is read by the forward product only,
+    so the backward pass does not keep it."""
+    import tensorflow as tf
+
+    from hmnas_keras.space import cell, operations
+
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(4, 3, 3, 5)).astype("float32") * 2 + 1)
+    other = tf.constant(rng.normal(size=(4, 3, 3, 5)).astype("float32"))
+    weights = tf.constant([0.3, -0.6])
+    norm = operations.FusedBatchNorm(momentum=0.9, epsilon=1e-5, center=False, scale=False)
+    norm.build(x.shape)
+
+    def traced():
+        @tf.function(autograph=False)
+        def gradients(weights, x, other):
+            with operations.deferred_moving_statistics():
+                normalised = norm(x, training=True)
+            output = cell.weighted_sum(weights, [normalised, other], [0, 1])
+            loss = tf.reduce_sum(output * output * tf.range(1.0, 6.0))
+            return [output, *tf.gradients(loss, [weights, x, other])], normalised
+
+        (results, normalised) = gradients(weights, x, other)
+        concrete = gradients.get_concrete_function(weights, x, other)
+        normalised = concrete.graph.outputs[-1].op.inputs[0]  # the batch norm's output
+        return results, [c.type for c in normalised.consumers()]
+
+    (output, *grads), consumers = traced()
+    monkeypatch.setattr(cell, "scaled_batch_norm_outputs", lambda weight, outputs: None)
+    (plain_output, *plain_grads), plain_consumers = traced()
+    np.testing.assert_array_equal(output, plain_output)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-5)
+    assert abs(float(grads[0][0])) > 1e-3  # a gradient for w that is not zero
+    # The product, and its gradient for w (Σ dy·y), read it; the fused gradient does not.
+    assert sorted(plain_consumers) == ["Identity", "Mul", "Mul"]
+    assert sorted(consumers) == ["Identity", "Mul"]

@@ -30,6 +30,7 @@ from hmnas_keras.space.operations import (
     deferred_moving_statistics,
     half_split,
     moving_averages,
+    scaled_batch_norm_outputs,
 )
 from hmnas_keras.space.search_space import (
     OP_NAMES,
@@ -147,7 +148,9 @@ def weighted_sum(weights, tensors, positions, for_training: bool = True):
     output = 0.0  # as the plain sum: 0 + -0 is +0, which max pooling tells from -0
     with graph_gradients({} if plain else _MIXING_GRADIENTS):
         for position, tensor in zip(positions, tensors, strict=True):
-            output = output + weights[position] * tensor
+            weight = weights[position]
+            product = None if plain else scaled_batch_norm_outputs(weight, tensor)
+            output = output + (weight * tensor if product is None else product)
     return output
 
 
