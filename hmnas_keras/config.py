@@ -303,6 +303,8 @@ class RunConfig:
     weight masks (the paper's random-initialisation baseline: the same pruned
     network, re-initialised); False trains every weight of the kept ops.
     `random_sample`: which of the random architectures of a seed to draw.
+    `recompute`: the supernet's edges keep no activations for the backward pass and
+    compute them again there (supernet and mask phases): less memory, slower steps.
     """
 
     data: DataConfig = DataConfig()
@@ -323,6 +325,7 @@ class RunConfig:
     mixed_precision: bool = False
     scratch_masks: bool = True
     random_sample: int = 0
+    recompute: bool = False
 
     def __post_init__(self):
         if self.random_sample < 0:
@@ -389,4 +392,5 @@ class RunConfig:
             # Runs written before --scratch_masks existed trained from scratch densely.
             scratch_masks=values.get("scratch_masks", False),
             random_sample=values.get("random_sample", 0),
+            recompute=values.get("recompute", False),
         )

@@ -113,6 +113,14 @@ flags.DEFINE_bool(
     "devices.",
 )
 flags.DEFINE_bool(
+    "recompute",
+    False,
+    "Keep none of the supernet's edge activations for the backward pass: compute each edge "
+    "again there (supernet and mask phases). Less memory, slower steps (C=8, 3 cells, batch "
+    "32 on 2 CPU cores: peak memory 1,366 -> 1,079 MiB, weight step +21%; docs/BENCHMARKS.md); "
+    "the same numbers.",
+)
+flags.DEFINE_bool(
     "mixed_precision",
     False,
     "Train with Keras' mixed_float16 policy (for GPUs with float16 units): convolutions and "
@@ -343,6 +351,7 @@ OTHER_FLAG_FIELDS = {
             "mixed_precision",
             "scratch_masks",
             "random_sample",
+            "recompute",
         )
     },
 }
@@ -382,6 +391,7 @@ def config_from_flags() -> RunConfig:
         mixed_precision=FLAGS.mixed_precision,
         scratch_masks=FLAGS.scratch_masks,
         random_sample=FLAGS.random_sample,
+        recompute=FLAGS.recompute,
     )
 
 
@@ -411,6 +421,7 @@ RESUME_FLAGS = (
     "threads",
     "logical_cpus",
     "graph_optimization",
+    "recompute",
     "tf_logs",
     "slurm_port_base",
 )
@@ -446,6 +457,8 @@ def prepare_workdir(root: str, resume: bool, chief: bool = True) -> RunConfig:
             except ValueError as error:
                 raise UsageError(str(error)) from None
             print(f"--resume: running the phases given, {','.join(saved.phases)}.", flush=True)
+        if FLAGS["recompute"].present:  # how the steps run, not what they compute
+            saved = dataclasses.replace(saved, recompute=FLAGS.recompute)
         return saved
     # A workdir holding only config.json is a run that failed before training
     # (bad data flags, say): starting again there overwrites nothing of value.

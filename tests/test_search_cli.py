@@ -282,10 +282,11 @@ def test_resume_counts_only_the_flags_given_and_honours_phases(tmp_path, monkeyp
     warnings = []
     monkeypatch.setattr(cli.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
     given = ("--resume", "--channels=4", "--supernet_epochs=5", "--warmup_epochs=1")
-    given += ("--seed=2", "--threads=1")
+    given += ("--seed=2", "--threads=1", "--recompute")
     with parsed_flags(f"--workdir={workdir}", *given) as cli:
         config = cli.prepare_workdir(workdir, True)
     assert config.supernet.epochs == 3 and config.seed == 0  # the saved run's
+    assert config.recompute  # how the steps run: the command line's
     assert config.phases == ("supernet", "mask", "finetune", "export")
     (warning,) = warnings
     named = warning.split("differ from it: ")[1].split(", ")

@@ -138,11 +138,14 @@ def test_edge_weights_sum_to_one_per_node():
     assert float(ops.sum(net.op_weights("reduce"))) == pytest.approx(9.0, rel=1e-5)
 
 
-def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_would():
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_would(
+    recompute,
+):
     """Traced, the supernet calls one function per kind of edge (`SharedCalls`); the loss,
     every gradient (weights, α, β, kernel and BatchNorm-output masks), every edge's
     BatchNorm statistics and the recorded output positions equal those of edge-by-edge
-    calls."""
+    calls: with the edges' activations kept for the backward pass, or recomputed there."""
     import keras
     from conftest import traced_loss_and_gradients
 
@@ -154,7 +157,7 @@ def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_
     labels = np.array([0, 1, 2, 1])
     networks = []
     for shared in (True, False):
-        network = Supernet(space, num_classes=3)
+        network = Supernet(space, num_classes=3, recompute=recompute and shared)
         network(images[:1], training=False)
         if not shared:
             network.set_weights(networks[0][0].get_weights())
@@ -195,7 +198,10 @@ def test_edges_of_one_kind_share_one_traced_function_and_compute_what_each_edge_
     # Per cell, its 4 stride-2 edges and its stride-1 edge; the first edge's masked
     # BatchNormalization outputs make it a kind of its own: 6 kinds traced for 10 edges.
     assert sum(len(cell.edge_ops) for cell in shared.cells) == 10
-    assert sum(1 for key in calls._functions if key[-1]) == 6  # key[-1]: training
+    forward = [key for key in calls._functions if key[0] != "backward"]
+    assert sum(1 for key in forward if key[-1]) == 6  # key[-1]: training
+    # Recomputing, a backward function per kind (all gradients); else TensorFlow's own.
+    assert len(calls._functions) - len(forward) == (6 if recompute else 0)
     assert all(op.shared_calls is calls for cell in shared.cells for op in cell.edge_ops)
 
 
@@ -326,3 +332,78 @@ def test_weighted_batch_norm_outputs_differentiate_without_keeping_the_outputs(m
     # The product, and its gradient for w (Σ dy·y), read it; the fused gradient does not.
     assert sorted(plain_consumers) == ["Identity", "Mul", "Mul"]
     assert sorted(consumers) == ["Identity", "Mul"]
+
+
+def test_recomputed_edges_keep_no_activations_and_the_architecture_step_skips_weights():
+    """With `recompute`, the step's graph calls each edge's function for its outputs only
+    (TensorFlow's forward function, which also returns what the backward pass reads, is
+    never made) and differentiates it with one function per kind, not inlined; the same
+    loss and gradients bit for bit. Inside `architecture_gradients_only` that function
+    computes gradients for the edge's inputs and op weights only, and α's and β's
+    gradients do not change."""
+    import tensorflow as tf
+    from keras import losses
+
+    from hmnas_keras.space.cell import architecture_gradients_only
+
+    rng = np.random.default_rng(8)
+    space = SearchSpace(num_cells=2, channels=4, num_nodes=2, op_names=OPS)
+    images = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 1])
+
+    def step(network, variables, architecture_only=False):
+        @tf.function(autograph=False)
+        def traced():
+            with tf.GradientTape() as tape:
+                if architecture_only:
+                    with architecture_gradients_only():
+                        logits = network(images, training=True)
+                else:
+                    logits = network(images, training=True)
+                loss = ops.mean(
+                    losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                )
+            return loss, tape.gradient(loss, variables)
+
+        results = traced()
+        graph = traced.get_concrete_function().graph.as_graph_def()
+        # The step's own calls of the edges' functions, and the functions defined.
+        calls = [n.attr["f"].func.name for n in graph.node if n.op.endswith("PartitionedCall")]
+        return results, (calls, graph.library)
+
+    kept = Supernet(space, num_classes=3)
+    kept(images[:1], training=False)
+    recomputed = Supernet(space, num_classes=3, recompute=True)
+    recomputed(images[:1], training=False)
+    recomputed.set_weights(kept.get_weights())
+    (loss, grads), kept_library = step(kept, kept.trainable_variables)
+    (recomputed_loss, recomputed_grads), library = step(recomputed, recomputed.trainable_variables)
+    assert float(recomputed_loss) == float(loss)
+    for got, expected in zip(recomputed_grads, grads, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    def kinds(calls):  # the function names without their numbers
+        return {name.rstrip("0123456789_").removesuffix("_pure") for name in calls}
+
+    # Kept: TensorFlow's forward functions (which return the activations) and their
+    # backward functions; recomputed: the edge's plain function and the recomputing one.
+    assert kinds(kept_library[0]) == {"__forward", "__inference___backward"}
+    assert kinds(library[0]) == {"__inference", "__inference_backward"}, library[0]
+    not_inlined = [f for f in library[1].function if "_noinline" in f.attr]
+    assert len(not_inlined) == 4  # a backward function per kind of edge
+
+    # The architecture step: α's and β's gradients only, none computed for the weights.
+    arch = recomputed.arch_variables
+    (_, arch_grads), arch_library = step(recomputed, arch, architecture_only=True)
+    where = {id(v): i for i, v in enumerate(recomputed.trainable_variables)}
+    for got, expected in zip(arch_grads, [grads[where[id(v)]] for v in arch], strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    def backward_outputs(library):
+        return sorted(
+            len(f.signature.output_arg) for f in library[1].function if "_noinline" in f.attr
+        )
+
+    every, weightless = backward_outputs(library), backward_outputs(arch_library)
+    assert len(weightless) == len(every) == 4
+    assert all(a < b for a, b in zip(weightless, every, strict=True))

@@ -66,6 +66,12 @@ flags.DEFINE_enum(
     "TensorFlow's graph optimiser on the traced steps (auto: off without a GPU), as "
     "hmnas_keras.search's flag of that name.",
 )
+flags.DEFINE_bool(
+    "recompute",
+    False,
+    "Recompute the supernet's edges in the backward pass, as hmnas_keras.search's flag of "
+    "that name (the supernet and mask kinds).",
+)
 KINDS = {
     "weight": "weight step",
     "first_order": "weight + arch (1st)",
@@ -102,6 +108,7 @@ OWN_FLAGS = (
     "steps",
     "threads",
     "graph_optimization",
+    "recompute",
 )
 
 
@@ -128,6 +135,7 @@ def _config():
         mask=MaskConfig(epochs=1),
         finetune=FinetuneConfig(epochs=1),
         phases=("finetune",),
+        recompute=FLAGS.recompute,
     )
 
 
@@ -288,6 +296,7 @@ def measure(kind: str) -> dict:
         "images_per_s": round(FLAGS.batch_size / median, 1),
         "peak_rss_mib": round(peak_rss, 1),
         "graph_nodes": sum(graph_nodes(f.graph.as_graph_def()) for f in step.concrete_functions()),
+        "recompute": FLAGS.recompute,
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),
@@ -335,10 +344,10 @@ def _darts(kind: str) -> dict:
 def _row(label: str, result: dict) -> str:
     def seconds(key):
         value = result.get(key)
-        return f"{'–' if value is None else f'{value:.1f}':>13}"
+        return f"{'–' if value is None else f'{value:.2f}':>13}"  # a tiny step's: < 0.05 s
 
     return (
-        f"{label:<22}{result['first_call_s']:>13.1f}{seconds('tracing_s')}"
+        f"{label:<22}{seconds('first_call_s')}{seconds('tracing_s')}"
         f"{seconds('first_execution_s')}{result['median_ms']:>13.0f}"
         f"{result['images_per_s']:>13.1f}{result['peak_rss_mib']:>13.0f}"
     )
@@ -359,7 +368,8 @@ def main(argv):
         f"C={FLAGS.channels} cells={FLAGS.num_cells} nodes={FLAGS.num_nodes} "
         f"B={FLAGS.batch_size} {FLAGS.image_size}x{FLAGS.image_size}, {FLAGS.steps} timed steps, "
         f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, threads={FLAGS.threads or 'half'}, "
-        f"graph optimiser {optimizer}; each kind in its own process"
+        f"graph optimiser {optimizer}{', edges recomputed' if FLAGS.recompute else ''}; "
+        "each kind in its own process"
     )
     header = ("step", "first call s", "tracing s", "1st run s", "median ms", "images/s", "RSS MiB")
     print(f"{header[0]:<22}" + "".join(f"{h:>13}" for h in header[1:]))

@@ -40,7 +40,9 @@ from hmnas_keras.training.trainer import NetworkTrainer
 
 def build_supernet(config: RunConfig, data: SearchData, arrays: dict | None = None) -> Supernet:
     """A built supernet, with `arrays` ({relative path: array}) assigned if given."""
-    supernet = Supernet(config.search_space, data.num_classes, name=SUPERNET_MODEL)
+    supernet = Supernet(
+        config.search_space, data.num_classes, recompute=config.recompute, name=SUPERNET_MODEL
+    )
     supernet(ops.zeros((1, *data.image_shape)), training=False)
     if arrays is not None:
         assign_by_path(

@@ -61,7 +61,9 @@ def build_search(config: RunConfig, data: SearchData) -> BilevelSearch:
         ),
         seed=config.seed,
     )
-    supernet = Supernet(config.search_space, data.num_classes, name=SUPERNET_MODEL)
+    supernet = Supernet(
+        config.search_space, data.num_classes, recompute=config.recompute, name=SUPERNET_MODEL
+    )
     search = BilevelSearch(
         supernet,
         policy,

@@ -10,6 +10,8 @@ masking, and fixed values in a searched network. A cell built from a
 """
 
 import collections
+import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -53,9 +55,18 @@ class SharedCalls:
     calls it with its own values. TensorFlow inlines the calls before optimising
     the graph: not inlining them (`_noinline`) made the graph optimiser's work
     smaller but the step 27% slower (373 against 294 ms at C=8).
+
+    With `recompute`, a training call keeps none of the edge's activations for the
+    backward pass: its gradient is a second function of the kind, called with the
+    edge's inputs, that computes the edge again and differentiates it. That
+    function is not inlined (`_noinline`): TensorFlow instantiates it once per
+    kind instead of once per edge, so the step's graph shrinks as well. Less
+    memory, slower steps (docs/BENCHMARKS.md); the same numbers. Inside
+    `architecture_gradients_only` it computes no gradients for the edges' weights.
     """
 
-    def __init__(self):
+    def __init__(self, recompute: bool = False):
+        self.recompute = recompute
         self._functions = {}
 
     def __call__(self, mixed_op, x, op_weights, shared_outputs, training):
@@ -72,7 +83,7 @@ class SharedCalls:
         if key not in self._functions:
             self._functions[key] = (mixed_op, self._trace(mixed_op, bool(training)))
         traced, function = self._functions[key]
-        outputs, statistics = function(
+        arguments = (
             # Tensors, not variables: a distributed variable passed in loses its gradient.
             [tf.convert_to_tensor(v) for v in mixed_op.trainable_variables],
             [tf.convert_to_tensor(v) for v in mixed_op.non_trainable_variables],
@@ -82,6 +93,10 @@ class SharedCalls:
             op_weights,
             shared_outputs,
         )
+        if training and self.recompute:
+            outputs, statistics = self._recomputed(key, function, arguments)
+        else:
+            outputs, statistics = function(*arguments)
         if training and mixed_op.non_trainable_variables:
             variables = mixed_op.non_trainable_variables  # BN moving statistics: vectors
             values = tf.split(statistics, [v.shape[0] for v in variables])
@@ -90,6 +105,42 @@ class SharedCalls:
         for layer, source in zip(kernels, _mask_hooks(traced)[0], strict=True):
             layer.output_positions = source.output_positions
         return outputs
+
+    def _recomputed(self, key, function, arguments):
+        """`function(*arguments)` with a gradient that computes it again (`recompute`)."""
+        flat = tf.nest.flatten(arguments)  # the weights first, then the rest
+        positions = [i for i, t in enumerate(flat) if t is not None]  # absent masks: None
+        every_gradient = not getattr(_GRADIENTS, "architecture_only", False)
+        wanted = [i for i in positions if every_gradient or i >= len(arguments[0])]
+
+        def rebuild(tensors):
+            values = list(flat)
+            for i, t in zip(positions, tensors, strict=True):
+                values[i] = t
+            return tf.nest.pack_sequence_as(arguments, values)
+
+        backward_key = ("backward", every_gradient, *key)
+        if backward_key not in self._functions:
+
+            def backward(tensors, output_gradient):
+                outputs, _ = function(*rebuild(tensors))
+                chosen = [tensors[positions.index(i)] for i in wanted]
+                return tf.gradients(outputs, chosen, output_gradient)
+
+            self._functions[backward_key] = tf.function(
+                backward, autograph=False, experimental_attributes={"_noinline": True}
+            )
+        backward = self._functions[backward_key]
+
+        @tf.custom_gradient
+        def call(*tensors):
+            def gradient(output_gradient, _):  # the statistics have none
+                computed = iter(backward(list(tensors), output_gradient))
+                return [next(computed) if i in wanted else None for i in positions]
+
+            return function(*rebuild(tensors)), gradient
+
+        return call(*[flat[i] for i in positions])
 
     @staticmethod
     def _trace(traced, training: bool):
@@ -124,6 +175,23 @@ class SharedCalls:
                     layer._output_mask = mask
 
         return tf.function(pure, autograph=False)
+
+
+_GRADIENTS = threading.local()  # per thread: a distribution strategy runs replicas in threads
+
+
+@contextlib.contextmanager
+def architecture_gradients_only():
+    """While a step is traced inside it, recomputing edges (`SharedCalls` with `recompute`)
+    compute no gradients for their weights: the first-order architecture step's, which
+    wants α's and β's only (TensorFlow cannot prune what a function it does not inline
+    computes)."""
+    previous = getattr(_GRADIENTS, "architecture_only", False)
+    _GRADIENTS.architecture_only = True
+    try:
+        yield
+    finally:
+        _GRADIENTS.architecture_only = previous
 
 
 def weighted_sum(weights, tensors, positions, for_training: bool = True):
@@ -182,20 +250,20 @@ def _edge_kind(mixed_op) -> tuple:
     )
 
 
-def share_edge_calls(network, repeated_only: bool = False) -> None:
+def share_edge_calls(network, repeated_only: bool = False, recompute: bool = False) -> None:
     """Makes the edges of every cell of `network` (a `CellNetwork`) share traced functions.
 
     For training: the supernet does it, and fine-tuning for its searched network, with
     `repeated_only` (the network built): an edge of a kind of its own gains nothing and
     costs a nested function (a DARTS-shaped searched cell traced in 2.1 s instead of
     0.8 s). A network that is exported should not share (its graph would hold nested
-    function calls).
+    function calls). `recompute`: the edges keep no activations (`SharedCalls`).
     """
     edges = [op for cell in network.cells if cell is not None for op in cell.edge_ops]
     if repeated_only:
         kinds = collections.Counter(_edge_kind(op) for op in edges)
         edges = [op for op in edges if kinds[_edge_kind(op)] > 1]
-    shared_calls = SharedCalls()
+    shared_calls = SharedCalls(recompute)
     for mixed_op in edges:
         mixed_op.shared_calls = shared_calls
 

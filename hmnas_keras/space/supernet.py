@@ -44,11 +44,15 @@ class Supernet(CellNetwork):
     num_ops], edge mask [num_edges] or None) and the cells use
     op mask ⊙ softmax(α) and edge mask ⊙ softmax(β) (DESIGN.md §2; no
     renormalisation, so a 0 removes what it masks). None removes the masks.
+    `recompute`: its edges keep no activations for training's backward pass
+    (`cell.SharedCalls`): less memory, slower steps.
     """
 
     _arch_masks = None
 
-    def __init__(self, search_space: SearchSpace, num_classes: int, **kwargs):
+    def __init__(
+        self, search_space: SearchSpace, num_classes: int, recompute: bool = False, **kwargs
+    ):
         super().__init__(search_space, num_classes, **kwargs)
         space = search_space
         arch_init = keras.initializers.RandomNormal(stddev=1e-3)
@@ -64,7 +68,7 @@ class Supernet(CellNetwork):
                     shape=(space.num_edges,), initializer=arch_init, name=f"beta_{cell_type}"
                 )
         self._uniform_edge_weights = uniform_edge_weights(space.num_nodes)
-        share_edge_calls(self)
+        share_edge_calls(self, recompute=recompute)
 
     @property
     def arch_variables(self) -> list:

@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from hmnas_keras.runtime import call_while_tracing
+from hmnas_keras.space.cell import architecture_gradients_only
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.arch_step import ArchStepPolicy
 from hmnas_keras.training.trainer import (
@@ -146,7 +147,7 @@ class BilevelSearch(NetworkTrainer):
         arch_images, arch_labels = arch_batch
         arch_vars = self.supernet.arch_variables
         if not self.second_order:
-            with tf.GradientTape() as tape:
+            with tf.GradientTape() as tape, architecture_gradients_only():
                 loss, logits = self._loss_on(arch_images, arch_labels)
                 scaled = scaled_loss(loss, self.arch_optimizer)
             grads = tape.gradient(scaled, arch_vars)
