@@ -117,7 +117,7 @@ flags.DEFINE_bool(
     False,
     "Keep none of the supernet's edge activations for the backward pass: compute each edge "
     "again there (supernet and mask phases). Less memory, slower steps (C=8, 3 cells, batch "
-    "32 on 2 CPU cores: peak memory 1,366 -> 1,079 MiB, weight step +21%; docs/BENCHMARKS.md); "
+    "32 on 2 CPU cores: peak memory 1,366 -> 1,075 MiB, weight step +15%; docs/BENCHMARKS.md); "
     "the same numbers.",
 )
 flags.DEFINE_bool(
