@@ -407,3 +407,29 @@ def test_recomputed_edges_keep_no_activations_and_the_architecture_step_skips_we
     every, weightless = backward_outputs(library), backward_outputs(arch_library)
     assert len(weightless) == len(every) == 4
     assert all(a < b for a, b in zip(weightless, every, strict=True))
+
+
+def test_weighted_sum_leaves_other_identities_to_their_own_gradient():
+    """A term whose tensor is another IdentityN's output (no overridden gradient) is the
+    plain product, with TensorFlow's gradients."""
+    import tensorflow as tf
+
+    from hmnas_keras.space import cell
+
+    x = tf.constant(np.arange(24, dtype="float32").reshape(2, 2, 2, 3) / 10)
+    weights = tf.constant([0.5, 2.0])
+
+    @tf.function(autograph=False)
+    def traced(weights, x):
+        a, b = tf.identity_n([x, x * 2.0])
+        output = cell.weighted_sum(weights, [a, b], [0, 1])
+        return [output, *tf.gradients(tf.reduce_sum(output * output), [weights, x])]
+
+    output, weight_grad, x_grad = traced(weights, x)
+    np.testing.assert_allclose(output, 0.5 * x + 4.0 * x, rtol=1e-6)
+    np.testing.assert_allclose(x_grad, 2 * 4.5 * 4.5 * x, rtol=1e-5)
+    np.testing.assert_allclose(
+        weight_grad,
+        [np.sum(2 * 4.5 * x * x), np.sum(2 * 4.5 * x * 2 * x)],
+        rtol=1e-5,
+    )
