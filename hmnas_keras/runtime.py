@@ -93,6 +93,21 @@ def own_frames_only():
     return OwnFramesOnly()
 
 
+def release_eager_kernels() -> None:
+    """Drops the kernels TensorFlow keeps for the ops it ran eagerly so far (and for functions
+    called eagerly, which instantiate again on their next call).
+
+    Building a network runs its layers once eagerly, and TensorFlow caches a kernel
+    (oneDNN primitives included) per op it ran, for the process's life: 61 MiB of a
+    C=8 supernet weight step's peak (1,353 against 1,292 MiB). Call it after building
+    and before the training steps' first calls. TensorFlow's own cache clear
+    (private: `context().clear_kernel_cache()`).
+    """
+    from tensorflow.python.eager import context
+
+    context.context().clear_kernel_cache()
+
+
 def _library_files() -> frozenset:
     """The source files of the loaded modules that are installed (site-packages) or part of
     Python itself, this package's excepted."""

@@ -34,6 +34,7 @@ from hmnas_keras.checkpoint import (
 from hmnas_keras.config import RunConfig
 from hmnas_keras.data import SearchData
 from hmnas_keras.pipeline.workdir import SEARCHED_MODEL, SUPERNET_MODEL, Workdir
+from hmnas_keras.runtime import release_eager_kernels
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.trainer import NetworkTrainer
 
@@ -44,6 +45,7 @@ def build_supernet(config: RunConfig, data: SearchData, arrays: dict | None = No
         config.search_space, data.num_classes, recompute=config.recompute, name=SUPERNET_MODEL
     )
     supernet(ops.zeros((1, *data.image_shape)), training=False)
+    release_eager_kernels()  # the eager build's: the phases run their steps traced
     if arrays is not None:
         assign_by_path(
             supernet,

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from hmnas_keras.runtime import call_while_tracing
+from hmnas_keras.runtime import call_while_tracing, release_eager_kernels
 from hmnas_keras.space.cell import architecture_gradients_only
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.arch_step import ArchStepPolicy
@@ -99,6 +99,7 @@ class BilevelSearch(NetworkTrainer):
         self.supernet(ops.zeros((1, *image_shape)), training=False)
         self.weight_optimizer.build(self.supernet.weight_variables)
         self.arch_optimizer.build(self.supernet.arch_variables)
+        release_eager_kernels()  # the eager build's: the steps run traced
         self.built = True
 
     @property
