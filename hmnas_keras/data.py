@@ -394,21 +394,42 @@ class SearchData:
         """Steps per epoch over the whole training split (masking, fine-tuning)."""
         return (len(self.weight_images) + len(self.arch_images)) // self.config.batch_size
 
-    def bilevel_dataset(self, epochs: int, start_step: int = 0) -> tf.data.Dataset:
+    def bilevel_dataset(self, epochs: int, start_step: int = 0, arch_steps=None) -> tf.data.Dataset:
         """((weight_x, weight_y), (arch_x, arch_y)) for global steps [start_step, epochs·steps).
 
         The architecture part is shorter than the weight part, so it cycles
-        through its own reshuffled epochs.
+        through its own reshuffled epochs. `arch_steps` (an `ArchStepPolicy`, or
+        anything with its `decisions(start, stop)`) says which steps take an
+        architecture step: the others get an empty architecture batch (no images),
+        neither gathered nor augmented. A step's batches depend on the step alone,
+        so a step that does take one gets the same batch either way.
         """
         batch = self.config.batch_size
         weight = _BatchSource(self, *self._tensors("weight"), batch, stream=1)
         arch = _BatchSource(self, *self._tensors("arch"), batch, stream=2)
-        steps = tf.data.Dataset.range(start_step, epochs * self.steps_per_epoch)
+        total = epochs * self.steps_per_epoch
+        steps = tf.data.Dataset.range(start_step, total)
+        decisions = None
+        if arch_steps is not None:
+            decisions = np.asarray(arch_steps.decisions(start_step, total), bool)
+            if decisions.all():
+                decisions = None
+        empty = (
+            tf.zeros((0, *self.image_shape), tf.float32),
+            tf.zeros((0,), self.arch_labels.dtype),
+        )
+
+        def arch_batch(step):
+            if decisions is None:
+                return arch.batch(step, self.config.augment)
+            return tf.cond(
+                tf.constant(decisions)[step - start_step],
+                lambda: arch.batch(step, self.config.augment),
+                lambda: empty,
+            )
+
         return steps.map(
-            lambda step: (
-                weight.batch(step, self.config.augment),
-                arch.batch(step, self.config.augment),
-            ),
+            lambda step: (weight.batch(step, self.config.augment), arch_batch(step)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         ).prefetch(tf.data.AUTOTUNE)

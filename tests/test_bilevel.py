@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from hmnas_keras.config import DataConfig
+from hmnas_keras.data import make_search_data
 from hmnas_keras.space.search_space import SearchSpace
 from hmnas_keras.space.supernet import Supernet
 from hmnas_keras.training.arch_step import ArchStepPolicy, ArchStepSchedule
@@ -12,11 +14,13 @@ OPS = ("sep_conv_3x3", "avg_pool_3x3", "skip_connect")
 SHAPE = (8, 8, 3)
 
 
-def make_search(policy=None, second_order=False, lr=0.05, arch_lr=0.01, clip=5.0):
+def make_search(
+    policy=None, second_order=False, lr=0.05, arch_lr=0.01, clip=5.0, shape=SHAPE, classes=3
+):
     keras.utils.set_random_seed(0)
     space = SearchSpace(num_cells=2, channels=4, num_nodes=2, op_names=OPS)
     search = BilevelSearch(
-        Supernet(space, 3),
+        Supernet(space, classes),
         policy or ArchStepPolicy(),
         second_order=second_order,
         grad_clip_norm=clip,
@@ -25,7 +29,7 @@ def make_search(policy=None, second_order=False, lr=0.05, arch_lr=0.01, clip=5.0
         keras.optimizers.SGD(lr, momentum=0.9),
         keras.optimizers.Adam(arch_lr, beta_1=0.5),
     )
-    search.build_search(SHAPE)
+    search.build_search(shape)
     return search
 
 
@@ -177,9 +181,8 @@ def test_an_iteration_is_two_traced_steps_that_compute_what_one_function_would()
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     # The steps' ops keep only this package's frames (`runtime.own_frames_only`), a few.
     weight_step = search.traced_steps[1]
-    graph = weight_step.get_concrete_function(
-        (batches(4, 0), batches(4, 1)), tf.constant(1.0)
-    ).graph
+    graph = weight_step.get_concrete_function((batches(4, 0),), tf.constant(1.0)).graph
+    assert weight_step.experimental_get_tracing_count() == 1  # it gets the weight batch alone
     # (Not the arguments, the outputs' identities and the final no-op, made around the step.)
     made = [
         op for op in graph.get_operations() if op.type not in ("Placeholder", "Identity", "NoOp")
@@ -194,6 +197,36 @@ def test_after_warm_up_the_architecture_step_is_traced_alone():
     history = search.fit(data, epochs=1, verbose=0)
     assert history.history["arch_step_fraction"] == [pytest.approx(2 / 3)]
     assert [f.experimental_get_tracing_count() for f in search.traced_steps] == [1, 1]
+
+
+def test_no_architecture_batch_is_made_where_sigma_draws_no_architecture_step():
+    """With `arch_steps=policy` the pipeline leaves the architecture batch empty where σ
+    draws no architecture step, and the search ends in the state it reaches when
+    every architecture batch is made; a dataset that disagrees with the policy is an
+    error that says so."""
+    config = DataConfig(dataset="digits", batch_size=4, train_subset=40)
+    data = make_search_data(config, seed=0)
+    policy = ArchStepPolicy(schedule=ArchStepSchedule("step", 0.3, 2), seed=1)
+    decisions = policy.decisions(0, data.steps_per_epoch)
+    assert decisions.tolist() == [policy.should_step(i) for i in range(data.steps_per_epoch)]
+    assert decisions[:2].all() and not decisions.all()
+    skipping = data.bilevel_dataset(1, arch_steps=policy)
+    sizes = [int(arch_images.shape[0]) for _, (arch_images, _) in skipping]
+    assert sizes == [4 if take else 0 for take in decisions]
+
+    states = []
+    for dataset in (data.bilevel_dataset(1), skipping):
+        search = make_search(policy, shape=data.image_shape, classes=data.num_classes)
+        history = search.fit(dataset, epochs=1, verbose=0)
+        assert history.history["arch_step_fraction"] == [pytest.approx(decisions.mean())]
+        assert [f.experimental_get_tracing_count() for f in search.traced_steps] == [1, 1]
+        states.append(values(search.state_variables))
+    for got, expected in zip(*states, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    always = make_search(shape=data.image_shape, classes=data.num_classes)
+    with pytest.raises(ValueError, match="empty architecture batch.*arch_steps=search.policy"):
+        always.fit(skipping, epochs=1, verbose=0)
 
 
 def _ce(labels, logits):

@@ -180,6 +180,26 @@ def test_pipeline_resumes_at_any_step_with_the_same_batches():
     assert not np.array_equal(epochs[0], epochs[1])
 
 
+def test_the_architecture_batch_is_made_only_for_steps_that_take_an_architecture_step():
+    class Every3rd:  # what the pipeline asks of an ArchStepPolicy
+        def decisions(self, start, stop):
+            return np.arange(start, stop) % 3 == 0
+
+    data = make_search_data(DataConfig(dataset="digits", batch_size=32, train_subset=300), seed=0)
+    full = list(data.bilevel_dataset(2).as_numpy_iterator())
+    for start in (0, 5):  # a resumed run too
+        skipping = list(data.bilevel_dataset(2, start, arch_steps=Every3rd()).as_numpy_iterator())
+        assert len(skipping) == len(full) - start
+        for step, (got, expected) in enumerate(zip(skipping, full[start:]), start):
+            np.testing.assert_array_equal(got[0][0], expected[0][0])  # the weight batch
+            if step % 3 == 0:
+                np.testing.assert_array_equal(got[1][0], expected[1][0])
+                np.testing.assert_array_equal(got[1][1], expected[1][1])
+            else:
+                assert got[1][0].shape == (0, 8, 8, 1) and got[1][1].shape == (0,)
+                assert got[1][1].dtype == expected[1][1].dtype
+
+
 def test_flip_is_off_by_default_for_digits_and_on_for_other_data():
     assert DataConfig(dataset="digits").flip is False
     assert DataConfig(dataset="mnist", flip=None).flip is False

@@ -478,7 +478,16 @@ def test_onnx_speed_times_exported_models_back_to_back(pipeline, tmp_path):
 @pytest.mark.large
 @pytest.mark.parametrize("phase", ["supernet", "mask", "finetune"])
 def test_a_run_killed_in_any_phase_resumes_to_the_same_result(tmp_path, phase):
-    flags = ["--phases=supernet,mask,finetune", "--checkpoint_every_steps=2", "--deterministic"]
+    flags = [
+        "--phases=supernet,mask,finetune",
+        "--checkpoint_every_steps=2",
+        "--deterministic",
+        # σ = 1/2 after warm-up: iterations with and without the architecture step (and its
+        # batch), drawn again on resume.
+        "--arch_step_schedule=step",
+        "--arch_step_final_prob=0.5",
+        "--arch_step_decay_epochs=1",
+    ]
     uninterrupted = str(tmp_path / "uninterrupted")
     result = search(uninterrupted, *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -205,7 +205,7 @@ def _step(kind: str) -> _Step:
         batch = batch_of(data.bilevel_dataset(1))
         run, iterator = search.iteration_function(), itertools.repeat(batch)
         arch, weight = search.traced_steps
-        arguments = {arch: (batch,), weight: (batch, tf.constant(float(take_arch_step)))}
+        arguments = {arch: (batch,), weight: ((batch[0],), tf.constant(float(take_arch_step)))}
 
         def concrete_functions():
             return [

@@ -10,6 +10,7 @@ Artifacts under `WORKDIR/supernet/` (see `hmnas_keras.pipeline.phase` for the co
 """
 
 import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
@@ -131,7 +132,13 @@ def run_supernet_phase(
         state_variables=search.state_variables,
         epochs=train.epochs,
         steps_per_epoch=data.steps_per_epoch,
-        dataset=data.bilevel_dataset,
+        # One replica: no architecture batch where σ draws no architecture step. Several
+        # replicas split every batch, so they keep it (an empty one would trace a step
+        # with an unknown batch size).
+        dataset=functools.partial(
+            data.bilevel_dataset,
+            arch_steps=search.policy if strategy.num_replicas_in_sync == 1 else None,
+        ),
         columns=CSV_COLUMNS,
         row=_row(search),
         jsonl_logs={

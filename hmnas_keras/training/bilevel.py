@@ -31,6 +31,18 @@ from hmnas_keras.training.trainer import (
 )
 
 
+def _check_arch_batch(batch) -> None:
+    """Raises if an iteration that takes an architecture step got no architecture batch."""
+    images = batch[1][0]
+    if isinstance(images, tf.Tensor) and images.shape.rank and images.shape[0] == 0:
+        raise ValueError(
+            "Received an empty architecture batch for an iteration that takes an "
+            "architecture step: the dataset's `arch_steps` disagrees with the search's "
+            "policy. Build the dataset with `arch_steps=search.policy` (or without "
+            "arch_steps, for every step)."
+        )
+
+
 class BilevelSearch(NetworkTrainer):
     """Trains a `Supernet`'s weights and architecture parameters in a bilevel way.
 
@@ -213,8 +225,8 @@ class BilevelSearch(NetworkTrainer):
         return {}
 
     def _weight_only(self, data, arch_step_fraction):
-        """The weight step of an iteration; `arch_step_fraction`: 1 if it took an architecture
-        step, else 0."""
+        """The weight step of an iteration on `data[0]`, the weight batch; `arch_step_fraction`:
+        1 if it took an architecture step, else 0."""
         self.arch_step_fraction.update_state(arch_step_fraction)
         images, labels = data[0]
         return self.weight_step(
@@ -237,7 +249,9 @@ class BilevelSearch(NetworkTrainer):
 
     def iteration_function(self):
         """`run(iterator, take_arch_step: bool) -> logs`: one iteration on the iterator's next
-        batch, as two traced functions, the architecture step and then the weight step.
+        batch, as two traced functions, the architecture step and then the weight step
+        (which gets the weight batch alone: the data pipeline leaves the architecture
+        batch empty where the policy takes no architecture step).
 
         Every iteration calls the same weight step, so it is traced once, and no
         `tf.cond` holds an optimizer step (that fails under MirroredStrategy). The
@@ -253,11 +267,13 @@ class BilevelSearch(NetworkTrainer):
 
         def run(iterator, take_arch_step: bool):
             batch = next(iterator)
+            weight_part = (batch[0],)  # an empty architecture batch would retrace the step
             if take_arch_step and alone:
-                call_while_tracing(arch, (batch,), weight, (batch, fractions[True]))
+                _check_arch_batch(batch)
+                call_while_tracing(arch, (batch,), weight, (weight_part, fractions[True]))
             elif take_arch_step:
                 arch(batch)
-            return weight(batch, fractions[take_arch_step])
+            return weight(weight_part, fractions[take_arch_step])
 
         return run
 
