@@ -414,10 +414,6 @@ class SearchData:
             decisions = np.asarray(arch_steps.decisions(start_step, total), bool)
             if decisions.all():
                 decisions = None
-        empty = (
-            tf.zeros((0, *self.image_shape), tf.float32),
-            tf.zeros((0,), self.arch_labels.dtype),
-        )
 
         def arch_batch(step):
             if decisions is None:
@@ -425,7 +421,10 @@ class SearchData:
             return tf.cond(
                 tf.constant(decisions)[step - start_step],
                 lambda: arch.batch(step, self.config.augment),
-                lambda: empty,
+                lambda: (
+                    tf.zeros((0, *self.image_shape), tf.float32),
+                    tf.zeros((0,), self.arch_labels.dtype),
+                ),
             )
 
         return steps.map(
