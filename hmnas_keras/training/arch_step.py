@@ -89,8 +89,4 @@ class ArchStepPolicy:
     def decisions(self, start: int, stop: int) -> np.ndarray:
         """`should_step(i)` for i in [start, stop), as a boolean array (the data pipeline
         builds the architecture batch of an iteration only where it is True)."""
-        iterations = range(start, stop)
-        probabilities = [self.probability(i) for i in iterations]
-        if all(p >= 1.0 for p in probabilities):
-            return np.ones(len(probabilities), bool)
-        return np.array([self.should_step(i) for i in iterations], bool)
+        return np.array([self.should_step(i) for i in range(start, stop)], bool)

@@ -33,8 +33,7 @@ from hmnas_keras.training.trainer import (
 
 def _check_arch_batch(batch) -> None:
     """Raises if an iteration that takes an architecture step got no architecture batch."""
-    images = batch[1][0]
-    if isinstance(images, tf.Tensor) and images.shape.rank and images.shape[0] == 0:
+    if batch[1][0].shape[0] == 0:  # eager: the batch's own size
         raise ValueError(
             "Received an empty architecture batch for an iteration that takes an "
             "architecture step: the dataset's `arch_steps` disagrees with the search's "
