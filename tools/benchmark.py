@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 
 from absl import app, flags
+from resident_memory import resident_split  # tools/, beside this script
 
 from hmnas_keras import quiet_logs  # noqa: F401  (first: before TensorFlow loads)
 from hmnas_keras.runtime import GRAPH_OPTIMIZATION
@@ -295,6 +296,7 @@ def measure(kind: str) -> dict:
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(FLAGS.batch_size / median, 1),
         "peak_rss_mib": round(peak_rss, 1),
+        **resident_split(),  # after the timed steps: anonymous and mapped-file pages
         "graph_nodes": sum(graph_nodes(f.graph.as_graph_def()) for f in step.concrete_functions()),
         "recompute": FLAGS.recompute,
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
@@ -350,7 +352,21 @@ def _row(label: str, result: dict) -> str:
         f"{label:<22}{seconds('first_call_s')}{seconds('tracing_s')}"
         f"{seconds('first_execution_s')}{result['median_ms']:>13.0f}"
         f"{result['images_per_s']:>13.1f}{result['peak_rss_mib']:>13.0f}"
+        f"{result.get('rss_file_mib', float('nan')):>13.0f}"
     )
+
+
+def _ratios(ours: dict, darts: dict) -> str:
+    """DARTS' step time and peak RSS over ours, and the peak RSS less the mapped files'
+    pages (the libraries': see resident_memory) where both measured them."""
+    line = (
+        f"  DARTS / ours: {darts['median_ms'] / ours['median_ms']:.2f}x step time, "
+        f"{darts['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x peak RSS"
+    )
+    if "rss_file_mib" in ours and "rss_file_mib" in darts:
+        own = [r["peak_rss_mib"] - r["rss_file_mib"] for r in (darts, ours)]
+        line += f", {own[0] / own[1]:.2f}x without the pages of mapped files (libraries)"
+    return line
 
 
 def main(argv):
@@ -371,7 +387,16 @@ def main(argv):
         f"graph optimiser {optimizer}{', edges recomputed' if FLAGS.recompute else ''}; "
         "each kind in its own process"
     )
-    header = ("step", "first call s", "tracing s", "1st run s", "median ms", "images/s", "RSS MiB")
+    header = (
+        "step",
+        "first call s",
+        "tracing s",
+        "1st run s",
+        "median ms",
+        "images/s",
+        "RSS MiB",
+        "in files MiB",
+    )
     print(f"{header[0]:<22}" + "".join(f"{h:>13}" for h in header[1:]))
     for kind in _kinds(FLAGS.kinds):
         results = [_in_own_process(kind)]
@@ -379,12 +404,7 @@ def main(argv):
         if FLAGS.darts_dir and kind in ("weight", "first_order"):
             results.append(_darts(kind))
             print(_row("  DARTS (official)", results[1]), flush=True)
-            ours, darts = results
-            print(
-                f"  DARTS / ours: {darts['median_ms'] / ours['median_ms']:.2f}x step time, "
-                f"{darts['peak_rss_mib'] / ours['peak_rss_mib']:.2f}x peak RSS",
-                flush=True,
-            )
+            print(_ratios(*results), flush=True)
         if FLAGS.json_out:
             os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
             with open(FLAGS.json_out, "a") as handle:

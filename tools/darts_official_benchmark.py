@@ -14,7 +14,9 @@ the first-order architecture step followed by the weight step. DARTS calls
 
 Each kind should run in a process of its own (its peak RSS is the process's).
 It prints one JSON line with the keys of tools/benchmark.py's --json_out:
-kind, first_call_s, median_ms, images_per_s, peak_rss_mib.
+kind, first_call_s, median_ms, images_per_s, peak_rss_mib, and (Linux) rss_anon_mib and
+rss_file_mib, the resident pages after the timed steps that are anonymous and that belong to
+mapped files (mostly the libraries': tools/resident_memory.py).
 """
 
 import argparse
@@ -26,6 +28,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from resident_memory import resident_split  # tools/, beside this script
 from torch import nn
 
 
@@ -82,6 +85,7 @@ def main() -> int:
         "median_ms": round(1000 * median, 2),
         "images_per_s": round(args.batch_size / median, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        **resident_split(),  # after the timed steps: anonymous and mapped-file pages
     }
     print(json.dumps(result), flush=True)
     return 0
