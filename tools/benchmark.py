@@ -24,7 +24,9 @@ iteration with the architecture step traces the weight step while the
 architecture step's first call runs, so its first call has no split ("–").
 --json_out=FILE appends one JSON line per kind: kind, first_call_s,
 tracing_s, first_execution_s, median_ms, images_per_s, peak_rss_mib,
-graph_nodes (the step's graph with its function calls inlined: what the first
+rss_anon_mib and rss_file_mib (the resident memory after the timed calls: the
+process's own pages and those of mapped files, mostly the libraries'; the table's
+"in files MiB"), graph_nodes (the step's graph with its function calls inlined: what the first
 call instantiates) and the configuration. With --darts_dir, official DARTS' weight and first-order
 iterations run right after ours, each in its own process (a DARTS line has
 "peer": "darts"), so that both are measured in one run:
