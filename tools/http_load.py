@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from resident_memory import resident_mib  # tools/, beside this script
 
 flags.DEFINE_string("model", None, "The exported model the server serves.")
 flags.DEFINE_integer("requests", 10000, "Requests in all.", lower_bound=1)
@@ -49,14 +50,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _png(shape) -> bytes:
@@ -194,7 +187,7 @@ def _abuse(port, pid):
         statuses, slowest = _while_polling_health(port, work)
         print(
             f"{name}: {sorted(statuses, key=str)} in {time.perf_counter() - started:.1f} s; "
-            f"slowest /health {slowest:.0f} ms; server RSS {_rss_mib(pid):.0f} MiB"
+            f"slowest /health {slowest:.0f} ms; server RSS {resident_mib(pid):.0f} MiB"
         )
 
 
@@ -219,7 +212,7 @@ def main(argv):
             _abuse(port, process.pid)
             return 0
         body = _png(health["input_shape"])
-        rss_before = _rss_mib(process.pid)
+        rss_before = resident_mib(process.pid)
         latencies, statuses, lock = [], {}, threading.Lock()
         share = [FLAGS.requests // FLAGS.concurrency] * FLAGS.concurrency
         for i in range(FLAGS.requests % FLAGS.concurrency):
@@ -234,9 +227,9 @@ def main(argv):
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
-        rss_after = _rss_mib(process.pid)
+        rss_after = resident_mib(process.pid)
         time.sleep(FLAGS.settle)
-        rss_settled = _rss_mib(process.pid)
+        rss_settled = resident_mib(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,6 +1,7 @@
-"""A process's resident memory, split into its anonymous pages and the pages of files it maps.
+"""A process's resident memory from /proc (Linux): the whole, and split into its anonymous
+pages and the pages of files it maps.
 
-The benchmarks print it beside the peak RSS. Most of a process's file-backed
+The benchmarks print the split beside the peak RSS. Most of a process's file-backed
 resident memory is its shared libraries' code and read-only data — TensorFlow's
 about 300 MiB against PyTorch's about 110 — clean pages that the kernel can drop
 and read again under memory pressure; the anonymous pages are the memory the
@@ -8,18 +9,24 @@ process allocated: its model, activations, graphs and interpreter.
 """
 
 
+def _status_mib(pid) -> dict:
+    """The memory lines of /proc/PID/status (in kB there), in MiB by name ("VmRSS", ...)."""
+    with open(f"/proc/{pid}/status") as handle:
+        fields = [line.split() for line in handle]
+    return {f[0].rstrip(":"): int(f[1]) / 1024.0 for f in fields if len(f) == 3 and f[2] == "kB"}
+
+
+def resident_mib(pid: int) -> float:
+    """Process `pid`'s resident memory now (VmRSS), in MiB."""
+    return _status_mib(pid).get("VmRSS", float("nan"))
+
+
 def resident_split() -> dict:
-    """{"rss_anon_mib": ..., "rss_file_mib": ...} now, from /proc/self/status (Linux); {} where
-    the system has no such file."""
-    keys = {"RssAnon:": "rss_anon_mib", "RssFile:": "rss_file_mib"}
+    """{"rss_anon_mib": ..., "rss_file_mib": ...} of this process now; {} where the system has
+    no /proc."""
     try:
-        with open("/proc/self/status") as handle:
-            lines = handle.read().splitlines()
+        status = _status_mib("self")
     except OSError:
         return {}
-    split = {}
-    for line in lines:
-        fields = line.split()
-        if fields and fields[0] in keys:
-            split[keys[fields[0]]] = round(int(fields[1]) / 1024.0, 1)  # kB
-    return split
+    keys = {"RssAnon": "rss_anon_mib", "RssFile": "rss_file_mib"}
+    return {key: round(status[name], 1) for name, key in keys.items() if name in status}
